@@ -1,0 +1,96 @@
+"""The real job, end to end: local Ray, Ray Train workers, TensorFlow, on the committed sample."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLE, read_metrics, run_job
+
+SAMPLE_TRAIN_ROWS = 3000
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def finished(request, tmp_path_factory):
+    output = tmp_path_factory.mktemp(f"out{request.param}")
+    proc = run_job("--data", str(SAMPLE), "--num-workers", str(request.param), "--epochs", "3",
+                   "--output", str(output))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return request.param, output, proc
+
+
+def test_job_trains_and_reports_every_epoch(finished):
+    workers, output, proc = finished
+    metrics = read_metrics(output)
+    epochs = metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and metrics["num_workers"] == workers
+    assert epochs[-1]["loss"] < epochs[0]["loss"]  # the loss falls
+    assert all(e["seconds"] > 0 and e["samples_per_second"] > 0 for e in epochs)
+    assert metrics["test_accuracy"] > 0.8  # 3 epochs on 3,000 digits
+    assert f"test accuracy: {metrics['test_accuracy']:.4f}" in proc.stdout
+    assert "epoch 3/3" in proc.stdout + proc.stderr  # rank 0's progress line reached the driver
+
+
+def test_workers_trained_on_disjoint_equal_shards_covering_the_sample(finished):
+    workers, output, _ = finished
+    shards = read_metrics(output)["workers"]
+    assert [s["rank"] for s in shards] == list(range(workers))
+    assert {s["rows"] for s in shards} == {SAMPLE_TRAIN_ROWS // workers}  # equal: same step counts
+    assert len({s["index_sha256"] for s in shards}) == workers
+    assert all(s["global_rows_seen"] == SAMPLE_TRAIN_ROWS for s in shards)  # cover
+    assert all(s["global_rows_duplicated"] == 0 for s in shards)  # disjoint
+
+
+def test_saved_model_loads_in_a_fresh_process_and_matches_metrics(finished):
+    _, output, _ = finished
+    script = f"""
+import json, keras, numpy as np
+with np.load({str(SAMPLE)!r}) as npz:
+    x, y = npz["x_test"].reshape(-1, 784).astype("float32") / 255, npz["y_test"]
+for name in ("mnist.keras", "mnist.h5"):
+    model = keras.saving.load_model({str(output)!r} + "/" + name)
+    print(json.dumps(float((model.predict(x, verbose=0).argmax(1) == y).mean())))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accuracies = [json.loads(line) for line in proc.stdout.split()]
+    expected = read_metrics(output)["test_accuracy"]
+    assert accuracies == pytest.approx([expected, expected], abs=1e-6)
+
+
+def test_no_temporary_files_are_left_in_the_output(finished):
+    _, output, _ = finished
+    names = {p.name for p in output.iterdir()}
+    assert {"mnist.keras", "mnist.h5", "metrics.json"} <= names
+    assert not [n for n in names if n.startswith(".")]
+
+
+def test_a_worker_count_the_cluster_cannot_fit_fails_fast(tmp_path):
+    started = time.monotonic()
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--output", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    assert "asked for 8 workers x 1 CPU" in proc.stderr and "the cluster has" in proc.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "mnist.keras").exists()
+
+
+def test_use_gpu_without_gpus_fails_before_training(tmp_path):
+    proc = run_job("--data", str(SAMPLE), "--use-gpu", "--output", str(tmp_path), timeout=120)
+    assert proc.returncode == 1 and "the cluster has no GPUs" in proc.stderr
+
+
+def test_bad_data_fails_before_ray_starts(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    proc = run_job("--data", str(tmp_path / "junk.npz"), "--output", str(tmp_path), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "not a readable .npz" in proc.stderr and "ray" not in proc.stdout.lower()
+
+
+def test_help_lists_the_flags():
+    proc = subprocess.run([sys.executable, "jobs/train_mnist.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    for flag in ("--data", "--num-workers", "--epochs", "--batch-size", "--learning-rate",
+                 "--model", "--output", "--address", "--use-gpu"):
+        assert flag in proc.stdout

@@ -1,0 +1,54 @@
+import keras
+import numpy as np
+
+from tests.conftest import SAMPLE
+from trainer.config import Config
+from trainer.model import build_model, preprocess
+
+
+def test_mlp_is_the_tutorial_model():
+    model = build_model(Config())
+    assert [type(layer).__name__ for layer in model.layers] == ["Dense", "Dense"]
+    assert model.layers[0].units == 512 and model.layers[0].activation.__name__ == "relu"
+    assert model.layers[1].units == 10 and model.layers[1].activation.__name__ == "softmax"
+    assert model.count_params() == 784 * 512 + 512 + 512 * 10 + 10
+    assert model.output_shape == (None, 10)
+
+
+def test_compile_settings():
+    model = build_model(Config(learning_rate=0.01))
+    assert isinstance(model.optimizer, keras.optimizers.RMSprop)
+    assert np.isclose(float(model.optimizer.learning_rate), 0.01)
+    assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
+    with np.load(SAMPLE) as npz:
+        x, y = preprocess(npz["x_test"][:256], npz["y_test"][:256])
+    results = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(results) == {"loss", "accuracy"} and 0 <= results["accuracy"] <= 1
+
+
+def test_cnn_outputs_probabilities():
+    model = build_model(Config(model="cnn"))
+    probs = model.predict(np.random.default_rng(0).random((4, 784), dtype=np.float32), verbose=0)
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_same_seed_gives_same_initial_weights():
+    a, b = build_model(Config(seed=3)), build_model(Config(seed=3))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_preprocess_flattens_scales_and_one_hots():
+    with np.load(SAMPLE) as npz:
+        x, y = preprocess(npz["x_test"][:5], npz["y_test"][:5])
+        labels = npz["y_test"][:5]
+    assert x.shape == (5, 784) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.shape == (5, 10) and np.array_equal(y.argmax(1), labels)
+
+
+def test_one_fit_step_lowers_the_loss_on_real_digits():
+    with np.load(SAMPLE) as npz:
+        x, y = preprocess(npz["x_train"][:512], npz["y_train"][:512])
+    model = build_model(Config())
+    before = model.evaluate(x, y, verbose=0)[0]
+    model.fit(x, y, batch_size=128, epochs=2, verbose=0)
+    assert model.evaluate(x, y, verbose=0)[0] < before

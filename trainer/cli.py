@@ -1,0 +1,53 @@
+"""Command line -> Config -> driver.run. Flags are generated from Config's fields, so each default
+lives in one place. `main(argv)` is the `mnist-train` console script and jobs/train_mnist.py."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from trainer.config import Config
+
+FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
+DESCRIPTION = "Train the classic Keras MNIST model with Ray Train workers; evaluate and save it."
+
+
+def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=FLAG_TYPES[f.type], default=f.default, help=help_text,
+                                choices=f.metadata.get("choices"), metavar=f.name.upper())
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        return fail(str(exc))
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.driver import ClusterError, run
+
+    try:
+        run(cfg)
+    except (DataError, ClusterError, CheckpointError, ValueError) as exc:
+        return fail(str(exc), code=1)
+    return 0

@@ -1,0 +1,317 @@
+"""MNIST in, validated arrays out, and Parquet shards (with a manifest) for Ray Data.
+
+Pure functions of numpy and pyarrow: nothing here knows about Ray or TensorFlow.
+Sources: a Keras-layout .npz, a directory of the four IDX files (gzip or raw), or a
+Parquet directory written by `write_parquet` (local path or a pyarrow URI like s3://...).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import posixpath
+import struct
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "test")
+IMAGE_SHAPE = (28, 28)
+IMAGE_BYTES = 28 * 28
+MANIFEST = "manifest.json"
+FORMAT = "mnist-parquet/1"
+IDX_NAMES = {  # (split, part) -> file stem, as distributed by LeCun et al. and mirrored by Keras
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+IDX_MAGIC = {"images": (0x00000803, 3), "labels": (0x00000801, 1)}
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed or inconsistent. The message is one line."""
+
+
+@dataclass(frozen=True)
+class Mnist:
+    x_train: np.ndarray  # (n, 28, 28) uint8
+    y_train: np.ndarray  # (n,) uint8 in 0..9
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def resolve_source(data: str | None) -> str | None:
+    """--data wins, then $MNIST_DATA; None means the Keras download."""
+    return data or os.environ.get("MNIST_DATA") or None
+
+
+def load(source: str | None) -> Mnist:
+    """Load and validate MNIST from any supported source (None: keras.datasets download)."""
+    if source is None:
+        return _download()
+    if "://" not in source:
+        if not os.path.exists(source):
+            raise DataError(f"MNIST source {source!r} does not exist; pass --data or set MNIST_DATA")
+        if os.path.isfile(source):
+            return load_npz(source)
+        if not is_parquet_dir(source):
+            return load_idx_dir(source)
+    return load_parquet(source)
+
+
+def _download() -> Mnist:
+    import keras  # only this path needs it
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    except Exception as exc:  # no network, proxy, 404...: all mean the same to the user
+        raise DataError(
+            f"could not download MNIST ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "pass --data PATH or set MNIST_DATA to a local copy (.npz, IDX directory or Parquet)"
+        ) from None
+    return validate(Mnist(x_train, y_train, x_test, y_test), "keras.datasets.mnist")
+
+
+def load_npz(path: str) -> Mnist:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: .npz lacks {', '.join(missing)} (expected Keras' mnist.npz layout)")
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return validate(Mnist(**arrays), path)
+
+
+def load_idx_dir(directory: str) -> Mnist:
+    arrays = {}
+    for (split, part), stem in IDX_NAMES.items():
+        path = _find_idx(directory, stem)
+        arrays[f"{'x' if part == 'images' else 'y'}_{split}"] = read_idx(path, part)
+    return validate(Mnist(**arrays), directory)
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    candidates = [stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"]
+    for name in candidates:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise DataError(f"{directory}: no {stem}[.gz] found (expected the four MNIST IDX files, "
+                    "a Keras .npz, or a Parquet directory with manifest.json)")
+
+
+def read_idx(path: str, part: str) -> np.ndarray:
+    """Read one IDX file ('images' or 'labels'), gzip or raw, checking magic, dimensions and size."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    want_magic, ndim = IDX_MAGIC[part]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX {part} header")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != want_magic:
+        raise DataError(f"{path}: IDX magic number 0x{magic:08x}, expected 0x{want_magic:08x} for {part}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if part == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: {len(raw) - header} data bytes, header promises {expected} "
+                        f"({'x'.join(map(str, dims))}); file truncated or padded")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def validate(data: Mnist, where: str) -> Mnist:
+    """Check shapes, dtypes, counts and label range; return uint8 arrays or raise DataError."""
+    out = {}
+    for split in SPLITS:
+        x, y = data.split(split)
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"{where}: {split} images have shape {x.shape}, expected (n, 28, 28)")
+        if x.dtype != np.uint8:
+            raise DataError(f"{where}: {split} images are {x.dtype}, expected uint8")
+        if len(x) == 0:
+            raise DataError(f"{where}: the {split} split is empty")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{where}: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"{where}: {len(x)} {split} images but {len(y)} labels")
+        if y.min() < 0 or y.max() > 9:
+            raise DataError(f"{where}: {split} labels must lie in 0..9, found {y.min()}..{y.max()}")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.uint8)
+    return Mnist(**out)
+
+
+def content_hash(data: Mnist) -> str:
+    """sha256 over both splits' labels and pixels: the data's identity across formats."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        x, y = data.split(split)
+        h.update(f"{split}:{len(x)}:".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+        h.update(np.ascontiguousarray(y).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- Parquet
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path within it, for local paths and URIs (s3://, gs://...)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def is_parquet_dir(path: str) -> bool:
+    fs, root = filesystem(path)
+    return fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File
+
+
+def read_manifest(path: str) -> dict:
+    fs, root = filesystem(path)
+    try:
+        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no {MANIFEST}; not a Parquet directory written by this project") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}/{MANIFEST}: unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _table(x: np.ndarray, y: np.ndarray, start: int) -> pa.Table:
+    flat = np.ascontiguousarray(x.reshape(len(x), IMAGE_BYTES))
+    images = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(IMAGE_BYTES), len(flat), [None, pa.py_buffer(flat.tobytes())])
+    return pa.table({
+        "index": pa.array(np.arange(start, start + len(x), dtype=np.int64)),
+        "image": images,
+        "label": pa.array(y, type=pa.uint8()),
+    })
+
+
+def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
+    """Write both splits as Parquet shards plus manifest.json under `path`, atomically.
+
+    Files go to a temporary sibling first, which is renamed into place at the end, so a crash
+    never leaves a directory with a manifest but missing shards. Returns the manifest.
+    """
+    fs, root = filesystem(path)
+    parent, name = posixpath.split(root.rstrip("/"))
+    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    fs.create_dir(tmp, recursive=True)
+    manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
+    for split in SPLITS:
+        x, y = data.split(split)
+        files = []
+        fs.create_dir(posixpath.join(tmp, split), recursive=True)
+        for i, start in enumerate(range(0, len(x), rows_per_file)):
+            stop = min(start + rows_per_file, len(x))
+            file = f"{split}/part-{i:05d}.parquet"
+            pq.write_table(_table(x[start:stop], y[start:stop], start), posixpath.join(tmp, file),
+                           filesystem=fs)
+            files.append({"path": file, "rows": stop - start})
+        manifest["splits"][split] = {
+            "rows": len(x), "files": files,
+            "label_counts": np.bincount(y, minlength=10).tolist(),
+        }
+    with fs.open_output_stream(posixpath.join(tmp, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(tmp)
+        raise DataError(f"{path} already exists; remove it or choose another destination")
+    fs.move(tmp, root)
+    return manifest
+
+
+def read_parquet_split(path: str, split: str, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split back as (images (n,28,28) uint8, labels (n,) uint8), ordered by index."""
+    manifest = manifest or read_manifest(path)
+    fs, root = filesystem(path)
+    info = manifest["splits"].get(split)
+    if info is None:
+        raise DataError(f"{path}/{MANIFEST}: no {split!r} split")
+    tables = []
+    for file in info["files"]:
+        try:
+            table = pq.read_table(posixpath.join(root, file["path"]), filesystem=fs)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{path}/{file['path']}: unreadable Parquet shard ({exc})") from None
+        if table.num_rows != file["rows"]:
+            raise DataError(f"{path}/{file['path']}: {table.num_rows} rows, manifest says {file['rows']}")
+        tables.append(table)
+    table = pa.concat_tables(tables).sort_by("index")
+    return images_from_column(table.column("image").to_numpy()), table.column("label").to_numpy().astype(np.uint8)
+
+
+def load_parquet(path: str) -> Mnist:
+    manifest = read_manifest(path)
+    arrays = {}
+    for split in SPLITS:
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = read_parquet_split(path, split, manifest)
+    data = validate(Mnist(**arrays), path)
+    if content_hash(data) != manifest["content_sha256"]:
+        raise DataError(f"{path}: content hash does not match {MANIFEST}; the shards were changed")
+    return data
+
+
+def images_from_column(values) -> np.ndarray:
+    """Image bytes (one 784-byte value per row, as Parquet/Ray Data hand them over) -> (n,28,28) uint8."""
+    if len(values) == 0:
+        return np.zeros((0, *IMAGE_SHAPE), np.uint8)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+        flat = np.frombuffer(values.tobytes(), np.uint8)
+    else:
+        flat = np.frombuffer(b"".join(values), np.uint8)
+    if flat.size != len(values) * IMAGE_BYTES:
+        raise DataError(f"image column holds {flat.size} bytes for {len(values)} rows, "
+                        f"expected {IMAGE_BYTES} per row")
+    return flat.reshape(len(values), *IMAGE_SHAPE)
+
+
+def prepare(source: str | None, cache_root: str) -> tuple[str, Mnist, dict]:
+    """Load any source; return (Parquet directory, arrays, manifest), writing shards once per content.
+
+    A Parquet source is used in place. Any other source is written under
+    `cache_root/<content hash>`, and reused by every later run on the same data.
+    """
+    if source is not None and is_parquet_dir(source):
+        return source, load_parquet(source), read_manifest(source)
+    data = load(source)
+    digest = content_hash(data)
+    target = posixpath.join(cache_root, f"mnist-{digest[:16]}") if "://" in cache_root \
+        else os.path.join(cache_root, f"mnist-{digest[:16]}")
+    if not is_parquet_dir(target):
+        try:
+            write_parquet(data, target)
+        except DataError:
+            if not is_parquet_dir(target):  # not a concurrent run that wrote the same content first
+                raise
+    manifest = read_manifest(target)
+    if manifest["content_sha256"] != digest:
+        raise DataError(f"{target}: cached shards do not match the source's content hash; remove them")
+    return target, data, manifest
