@@ -1,0 +1,39 @@
+"""Cut the small real-MNIST sample the tests use (tests/data/mnist_sample.npz, ~650 KB).
+
+    python scripts/make_sample.py --data ../shared/data/mnist
+
+3,000 training and 1,000 test digits, drawn without replacement with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer import data  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="full MNIST source; default $MNIST_DATA")
+    parser.add_argument("--out", default="tests/data/mnist_sample.npz")
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=1000)
+    args = parser.parse_args(argv)
+    full = data.load(data.resolve_source(args.data))
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.choice(len(full.x_train), args.train, replace=False))
+    test = np.sort(rng.choice(len(full.x_test), args.test, replace=False))
+    np.savez_compressed(args.out, x_train=full.x_train[train], y_train=full.y_train[train],
+                        x_test=full.x_test[test], y_test=full.y_test[test])
+    print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The baseline: the classic tutorial as one plain Keras process (model.fit on in-memory arrays).
+
+    python scripts/plain_keras.py --data ../shared/data/mnist
+
+Same model, optimizer and recipe as the distributed job (trainer.model.build_model), no Ray.
+Prints per-epoch seconds, the test accuracy and the wall time, and a JSON summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", default="mlp")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from trainer import data
+    from trainer.config import Config
+    from trainer.model import build_model, preprocess
+
+    mnist = data.load(data.resolve_source(args.data))
+    cfg = Config(model=args.model, epochs=args.epochs, batch_size=args.batch_size, num_workers=1)
+    x_train, y_train = preprocess(mnist.x_train, mnist.y_train)
+    x_test, y_test = preprocess(mnist.x_test, mnist.y_test)
+    model = build_model(cfg)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds, self.first_step = [], None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.first_step = self.first_step or time.time()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.t)
+
+    timer = EpochTimer()
+    model.fit(x_train, y_train, batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=2, callbacks=[timer])
+    loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    print(f"test accuracy: {accuracy:.4f}")
+    print(json.dumps({"test_accuracy": accuracy, "test_loss": loss, "epoch_seconds": timer.seconds,
+                      "start_to_first_step": timer.first_step - started,
+                      "wall_seconds": time.time() - started}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extras and run the whole test suite; pytest flags pass through.
+# Full-MNIST tests (marked slow) run when MNIST_DATA points at MNIST, and skip otherwise.
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -m "not slow"
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" test
+cd "$ROOT"
+exec python -m pytest "$@"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up .venv (first run: about a minute) and run the training job; flags pass through.
+#   bash scripts/train.sh --data ../shared/data/mnist --num-workers 2
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" ""
+cd "$ROOT"
+exec python jobs/train_mnist.py "$@"
