@@ -1,0 +1,262 @@
+"""Scheduled retraining: one cycle against a model store, or --list / --rollback. `main(argv)` is
+the `mnist-retrain` console script and jobs/retrain.py.
+
+    python jobs/retrain.py --store /srv/mnist-store --data ../shared/data/mnist
+    python jobs/retrain.py --store /srv/mnist-store --list
+    python jobs/retrain.py --store /srv/mnist-store --rollback 20261128T020000Z-1a2b3c
+
+A cycle: lock the store -> prepare the data (Parquet shards + content hash) -> stop if neither the
+data nor the training config changed since the current version -> evaluate the current model on
+this data's test split (the gate's baseline: both models scored on the same images) -> train and
+evaluate with trainer.driver.run into staging/<id> -> gate -> register versions/<id> (promoted
+or rejected, with the reason) -> move current.json if promoted -> prune -> unlock.
+
+Exit status: 0 promoted, nothing changed, or another run holds the store (a schedule that fires
+while the last run still trains is not an error); 3 trained but rejected by the gate (so the
+scheduler shows it); 1 an error (current.json untouched; a "failed" record is kept); 2 bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from trainer import cli, data
+from trainer.config import Config
+from trainer.store import (DATA, FAILED, PASSED, REJECTED, RUNS, LockHeld, Store, StoreError,
+                           fingerprint, gate, iso, new_version_id, status_of, utc_now)
+
+DESCRIPTION = ("Retrain the MNIST model into a versioned model store; promote it only if it is "
+               "not worse than the current one. Takes every training flag too.")
+EXIT_REJECTED = 3
+DATA_HASH_CHARS = 12
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Policy:
+    tolerance: float = 0.002  # how much worse than the current model a new one may be
+    min_accuracy: float = 0.97  # the floor, whatever the current model scores
+    keep_versions: int = 10
+
+    def __post_init__(self):
+        if not 0 <= self.tolerance <= 1:
+            raise ValueError(f"tolerance must lie in 0..1, got {self.tolerance}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"min_accuracy must lie in 0..1, got {self.min_accuracy}")
+        if self.keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {self.keep_versions}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser(DESCRIPTION)
+    group = parser.add_argument_group("retraining")
+    group.add_argument("--store", required=True, metavar="DIR",
+                       help="the model store: versions/, current.json, lock (a local or mounted directory)")
+    group.add_argument("--tolerance", type=float, default=Policy.tolerance,
+                       help="promote if test accuracy >= the current model's minus this "
+                       "(both scored on this run's test split)")
+    group.add_argument("--min-accuracy", type=float, default=Policy.min_accuracy,
+                       help="never promote below this test accuracy")
+    group.add_argument("--keep-versions", type=int, default=Policy.keep_versions,
+                       help="keep this many versions (the current one always), prune older ones")
+    action = group.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="list the versions and exit")
+    action.add_argument("--rollback", metavar="VERSION",
+                        help="point current at an earlier version (with --force: even a rejected one)")
+    # The training flags' --force (retrain a finished run) doubles as retrain's; add it if gone.
+    if "force" not in {f.name for f in dataclasses.fields(Config)}:
+        group.add_argument("--force", action="store_true")
+    parser.epilog = ("--force also retrains when nothing changed, and lets --rollback choose a "
+                     "rejected version or repair a corrupt current.json.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("output", "run_name"):
+        if getattr(args, flag) != parser.get_default(flag):
+            return cli.fail(f"--{flag.replace('_', '-')} is chosen by retrain (the version id and "
+                            "its folder in the store); drop it")
+    try:
+        policy = Policy(args.tolerance, args.min_accuracy, args.keep_versions)
+        cfg = cli.config_from_args(args)
+        store = Store(args.store)
+    except (ValueError, StoreError) as exc:
+        return cli.fail(str(exc))
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.driver import ClusterError, TrainingError
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd stop: unlock on the way out
+    try:
+        if args.list:
+            return list_versions(store)
+        if args.rollback:
+            return rollback(store, args.rollback, args.force)
+        return retrain(store, cfg, policy)
+    except LockHeld as exc:
+        if args.rollback:
+            return cli.fail(f"{exc}; roll back when it has finished", code=1)
+        print(f"{exc}; not starting another", flush=True)
+        return 0
+    except (StoreError, DataError, ClusterError, CheckpointError, TrainingError, ValueError) as exc:
+        return cli.fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        return cli.fail("interrupted; current.json is unchanged", code=130)
+
+
+def retrain(store: Store, cfg: Config, policy: Policy) -> int:
+    store.create()
+    with store.locked() as owner:
+        if owner.get("took_over"):
+            held = owner["took_over"]
+            print(f"took over a stale lock (pid {held.get('pid')} on {held.get('hostname')}, "
+                  f"since {held.get('started')})", flush=True)
+        store.clean_staging()
+        current = store.current_id()  # a corrupt pointer stops us here, before anything is written
+        source = data.resolve_source(cfg.data)
+        if source and "://" not in source:
+            source = os.path.abspath(source)  # the record outlives the working directory
+        parquet_dir, mnist, manifest = data.prepare(source, store.path(DATA))
+        digest = manifest["content_sha256"]
+        if current is not None and not cfg.force and unchanged(store.record(current), cfg, digest):
+            print(f"nothing changed since the current version {current} (data sha256 "
+                  f"{digest[:DATA_HASH_CHARS]}, same training config); not retraining. "
+                  "Pass --force to retrain anyway.", flush=True)
+            return 0
+        baseline = baseline_accuracy(store, current, mnist)
+        vid = new_version_id()
+        run_cfg = dataclasses.replace(
+            cfg, data=parquet_dir, output=store.new_staging(vid), run_name=vid,
+            storage_path=cfg.storage_path or store.path(RUNS))
+        record = {
+            "version": vid, "started": iso(utc_now()), "git_commit": git_commit(),
+            "host": socket.gethostname(), "config": run_cfg.to_dict(),
+            "data": {"content_sha256": digest, "path": parquet_dir, "source": source,
+                     "train_rows": manifest["splits"]["train"]["rows"],
+                     "test_rows": manifest["splits"]["test"]["rows"]},
+        }
+        print(f"retraining version {vid} (data sha256 {digest[:DATA_HASH_CHARS]}; current "
+              f"{current or 'none'})", flush=True)
+        from trainer import driver
+
+        try:
+            metrics = driver.run(run_cfg)
+        except BaseException as exc:  # Ctrl-C and SIGTERM too: every run leaves a record
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
+            store.register_failure(vid, {**record, "decision": FAILED, "reason": reason,
+                                         "finished": iso(utc_now())})
+            raise
+        passed, reason = gate(metrics["test_accuracy"], baseline, policy.tolerance, policy.min_accuracy)
+        record.update({
+            "decision": PASSED if passed else REJECTED, "reason": reason,
+            "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
+            "finished": iso(utc_now()),
+            "gate": {"tolerance": policy.tolerance, "min_accuracy": policy.min_accuracy,
+                     "baseline_version": current, "baseline_accuracy": baseline},
+        })
+        store.register(vid, record)
+        if passed:
+            store.promote(vid)
+        pruned = store.prune(policy.keep_versions)
+    if passed:
+        print(f"promoted {vid}: {reason}; it is now current ({store.model_path(vid)})", flush=True)
+    else:
+        print(f"rejected {vid}: {reason}; current stays {current or 'none'}", flush=True)
+    if pruned:
+        print(f"pruned {len(pruned)} old version(s): {', '.join(pruned)}", flush=True)
+    return 0 if passed else EXIT_REJECTED
+
+
+def unchanged(record: dict, cfg: Config, data_sha256: str) -> bool:
+    return (fingerprint(record.get("config", {}), record.get("data", {}).get("content_sha256"))
+            == fingerprint(cfg.to_dict(), data_sha256))
+
+
+def baseline_accuracy(store: Store, current: str | None, mnist: data.Mnist) -> float | None:
+    """The current model's accuracy on this run's test split (the data may have changed since)."""
+    if current is None:
+        return None
+    import keras
+
+    from trainer.driver import evaluate
+
+    path = store.model_path(current)
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as exc:
+        raise StoreError(f"the current version's model {path} is unreadable ({_one_line(exc)}); "
+                         "roll back to another version with --rollback") from None
+    _, accuracy, _ = evaluate(model, mnist.x_test, mnist.y_test)
+    print(f"current version {current}: test accuracy {accuracy:.4f} on this data's test split",
+          flush=True)
+    return accuracy
+
+
+def rollback(store: Store, vid: str, force: bool) -> int:
+    store.require()
+    with store.locked():
+        previous = store.rollback(vid, force=force)
+    print(f"current is now {vid} (was {previous or 'none'}); model {store.model_path(vid)}", flush=True)
+    return 0
+
+
+def list_versions(store: Store) -> int:
+    store.require()
+    try:
+        pointer, problem = store.pointer(), None
+    except StoreError as exc:  # still show what is there; the error follows the table
+        pointer, problem = None, str(exc)
+    rows = [(r, status_of(r, pointer)) for r in store.records()]
+    print(format_table(rows), flush=True)
+    return cli.fail(problem, code=1) if problem else 0
+
+
+def format_table(rows: list[tuple[dict, str]]) -> str:
+    header = ("VERSION", "STATUS", "TEST ACC", "DATA HASH", "CREATED", "NOTE")
+    lines = [header]
+    for record, status in rows:
+        accuracy = record.get("test_accuracy")
+        lines.append((
+            record.get("version", "?"), status,
+            f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-",
+            (record.get("data", {}).get("content_sha256") or "-")[:DATA_HASH_CHARS],
+            (record.get("started") or "-").replace("T", " "),
+            record.get("reason", "") if status in (REJECTED, FAILED) else "",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1]).rstrip()
+                     for line in lines)
+
+
+def git_commit() -> str | None:
+    """$MNIST_GIT_COMMIT (set by scripts/submit_retrain.sh: a submitted working dir has no .git),
+    else this checkout's HEAD, with -dirty when tracked files differ from it."""
+    if os.environ.get("MNIST_GIT_COMMIT"):
+        return os.environ["MNIST_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
