@@ -16,17 +16,21 @@ def _temporary_sibling(path: str) -> str:
     return os.path.join(directory, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")  # Keras wants the ext
 
 
-def write_json_atomic(path: str, value) -> None:
+def write_bytes_atomic(path: str, payload: bytes) -> None:
     tmp = _temporary_sibling(path)
     try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
+        with open(tmp, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: str, value) -> None:
+    write_bytes_atomic(path, json.dumps(value, indent=2).encode())
 
 
 def save_model_atomic(model, path: str) -> None:
@@ -38,3 +42,20 @@ def save_model_atomic(model, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def publish(paths: list[str], destination: str) -> None:
+    """Copy finished files into `destination` (a local path or a URI such as s3://bucket/run/model),
+    in order, each under a temporary name first and then renamed: a reader never sees half a file.
+    Put metrics.json last: its presence means the rest is complete."""
+    from pyarrow import fs as pafs
+
+    from trainer.data import filesystem
+
+    target_fs, root = filesystem(destination)
+    target_fs.create_dir(root, recursive=True)
+    for path in paths:
+        target = f"{root}/{os.path.basename(path)}"
+        tmp = f"{root}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+        pafs.copy_files(path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target_fs)
+        target_fs.move(tmp, target)
