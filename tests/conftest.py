@@ -34,3 +34,25 @@ def full_mnist() -> str:
     if not path or not os.path.exists(path):
         pytest.skip("full MNIST not available: set MNIST_DATA")
     return path
+
+
+def simulated_cluster(head_cpus: int, node_cpus: list[int]):
+    """A multi-node Ray cluster on this host, the way Ray's own tests build one (context manager);
+    every node on loopback, no dashboard. The job joins it with --address cluster.address."""
+    import contextlib
+
+    from ray.cluster_utils import Cluster
+
+    @contextlib.contextmanager
+    def running():
+        loopback = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+        cluster = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": head_cpus})
+        try:
+            for cpus in node_cpus:
+                cluster.add_node(**loopback, num_cpus=cpus)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()
+
+    return running()
