@@ -47,7 +47,7 @@ def load(directory: str, model) -> dict:
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {directory} is unreadable ({type(exc).__name__}: {str(exc)[:160]}); "
-            "delete it to fall back to the previous one, or pass --force to start over") from None
+            "pass --force to move the run aside and start over") from None
     variables = _optimizer_variables(model)
     if len(weights) != len(model.weights) or len(slots) != len(variables):
         raise CheckpointError(
@@ -59,6 +59,19 @@ def load(directory: str, model) -> dict:
                                   f"the model expects {tuple(variable.shape)}")
         variable.assign(value)
     return meta
+
+
+def verify(directory: str) -> dict:
+    """Read every array and the metadata of a checkpoint (zip CRCs catch truncation); return meta."""
+    try:
+        with np.load(os.path.join(directory, STATE), allow_pickle=False) as npz:
+            for key in npz.files:
+                npz[key]
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {directory} is unreadable ({type(exc).__name__}: {str(exc)[:160]}); "
+            "nothing was overwritten: pass --force to move the run aside and start over") from None
+    return read_meta(directory)
 
 
 def read_meta(directory: str) -> dict:

@@ -18,7 +18,9 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        if "(default" in help_text:
+            help_text += "%(default).0s"  # says its own default; stops argparse adding "(default: None)"
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
         else:
@@ -44,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.driver import ClusterError, run
+    from trainer.driver import ClusterError, TrainingError, run
 
     try:
         run(cfg)
-    except (DataError, ClusterError, CheckpointError, ValueError) as exc:
+    except (DataError, ClusterError, CheckpointError, TrainingError, ValueError) as exc:
         return fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        return fail("interrupted; the latest checkpoint is kept: rerun with the same --run-name "
+                    "and --storage-path to resume", code=130)
     return 0
+
+

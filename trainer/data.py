@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import struct
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -184,6 +185,11 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def join(base: str, *parts: str) -> str:
+    """os.path.join for local paths, '/'-joins for URIs."""
+    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
+
+
 def is_parquet_dir(path: str) -> bool:
     fs, root = filesystem(path)
     return fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File
@@ -217,14 +223,20 @@ def _table(x: np.ndarray, y: np.ndarray, start: int) -> pa.Table:
 def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
     """Write both splits as Parquet shards plus manifest.json under `path`, atomically.
 
-    Files go to a temporary sibling first, which is renamed into place at the end, so a crash
-    never leaves a directory with a manifest but missing shards. Returns the manifest.
+    On a local disk files go to a temporary sibling first, which is renamed into place at the end.
+    Object stores (s3://, gs://) cannot rename a directory: there the manifest, written last, is
+    the commit mark (readers require it). Either way a crash never leaves a directory with a
+    manifest but missing shards. Returns the manifest.
     """
     fs, root = filesystem(path)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        raise DataError(f"{path} already exists; remove it or choose another destination")
     parent, name = posixpath.split(root.rstrip("/"))
-    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    renames = isinstance(fs, pafs.LocalFileSystem)
+    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if renames else root
     fs.create_dir(tmp, recursive=True)
     manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
+    shards, written = sum(-(-len(data.split(name)[0]) // rows_per_file) for name in SPLITS), 0  # ceil
     for split in SPLITS:
         x, y = data.split(split)
         files = []
@@ -235,17 +247,30 @@ def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
             pq.write_table(_table(x[start:stop], y[start:stop], start), posixpath.join(tmp, file),
                            filesystem=fs)
             files.append({"path": file, "rows": stop - start})
+            written += 1
+            _progress(written, shards)
         manifest["splits"][split] = {
             "rows": len(x), "files": files,
             "label_counts": np.bincount(y, minlength=10).tolist(),
         }
     with fs.open_output_stream(posixpath.join(tmp, MANIFEST)) as f:
         f.write(json.dumps(manifest, indent=2).encode())
-    if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        fs.delete_dir(tmp)
-        raise DataError(f"{path} already exists; remove it or choose another destination")
-    fs.move(tmp, root)
+    if renames:
+        if fs.get_file_info(root).type != pafs.FileType.NotFound:  # another writer finished first
+            fs.delete_dir(tmp)
+            raise DataError(f"{path} already exists; remove it or choose another destination")
+        fs.move(tmp, root)
     return manifest
+
+
+def _progress(done: int, total: int, width: int = 20) -> None:
+    """`preparing data: [#####.....] 3/6 shards (50%)` on stderr: one line per shard in a log
+    (`ray job logs` shows each at once), one line redrawn in place on a terminal."""
+    tty = sys.stderr.isatty()
+    bar = "#" * (width * done // total) + "." * (width - width * done // total)
+    line = f"preparing data: [{bar}] {done}/{total} shards ({100 * done // total}%)"
+    sys.stderr.write(("\r" + line + ("\n" if done == total else "")) if tty else line + "\n")
+    sys.stderr.flush()
 
 
 def read_parquet_split(path: str, split: str, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -303,8 +328,7 @@ def prepare(source: str | None, cache_root: str) -> tuple[str, Mnist, dict]:
         return source, load_parquet(source), read_manifest(source)
     data = load(source)
     digest = content_hash(data)
-    target = posixpath.join(cache_root, f"mnist-{digest[:16]}") if "://" in cache_root \
-        else os.path.join(cache_root, f"mnist-{digest[:16]}")
+    target = join(cache_root, f"mnist-{digest[:16]}")
     if not is_parquet_dir(target):
         try:
             write_parquet(data, target)
