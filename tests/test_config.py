@@ -65,3 +65,87 @@ def test_cli_rejects_unknown_model_name():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["--model", "resnet"])
     assert info.value.code == 2
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help strings with %, so a stray '%' in a field's help breaks --help."""
+    from trainer import predict, retrain
+
+    for command in (main, retrain.main, predict.main):
+        with pytest.raises(SystemExit) as exit_info:
+            command(["--help"])
+        assert exit_info.value.code == 0
+        assert "--" in capsys.readouterr().out
+
+
+def test_global_batch_is_fixed_unless_a_per_worker_batch_is_asked_for():
+    assert [Config(num_workers=n).batch_size for n in (1, 2, 4)] == [128, 128, 128]
+    assert [Config(num_workers=n, per_worker_batch_size=64).batch_size for n in (1, 2, 4)] == [64, 128, 256]
+    cfg = Config(num_workers=4, per_worker_batch_size=64)
+    assert cfg.per_worker_batch == 64 and Config.from_dict(cfg.to_dict()) == cfg
+    cli = config_from_args(build_parser().parse_args(["--per-worker-batch-size", "512"]))
+    assert (cli.batch_size, cli.per_worker_batch) == (1024, 512)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_worker_batch_size": 64, "batch_size": 256}, "batch_size 256 is not 64 x 2 workers"),
+    ({"per_worker_batch_size": 0}, "per_worker_batch_size must be at least 1, got 0"),
+    ({"per_worker_batch_size": "64"}, "per_worker_batch_size must be a int | None"),
+    ({"lr_scaling": "cubic"}, "unknown lr_scaling 'cubic'"),
+    ({"warmup_epochs": -1, "lr_scaling": "linear"}, "warmup_epochs must be 0 or more"),
+    ({"warmup_epochs": 1}, "give --lr-scaling linear or sqrt too"),
+])
+def test_batch_and_learning_rate_options_raise_one_line_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        Config(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_rejects_a_global_and_a_per_worker_batch_that_disagree(capsys):
+    assert main(["--batch-size", "256", "--per-worker-batch-size", "64"]) == 2
+    assert capsys.readouterr().err.startswith("error: give batch_size (global) or per_worker_batch_size")
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    from trainer.lr_schedule import learning_rate, scaled_rate, steps_per_epoch
+
+    assert learning_rate(Config()) == 0.001  # the tutorial's plain float rate, unchanged
+    assert scaled_rate(Config(batch_size=1024, lr_scaling="none")) == pytest.approx(0.001)
+    assert scaled_rate(Config(batch_size=1024, lr_scaling="linear")) == pytest.approx(0.008)
+    assert scaled_rate(Config(batch_size=512, lr_scaling="sqrt")) == pytest.approx(0.002)
+    assert steps_per_epoch(60_000, Config(batch_size=1024, num_workers=2)) == 58
+
+
+def test_warm_up_ramps_per_step_then_holds_and_survives_checkpoint_and_save(tmp_path):
+    """The ramp follows optimizer.iterations (restored by checkpoints), and the saved .keras model
+    loads with plain keras.saving.load_model in a process that never imports this project."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from trainer import checkpoint
+    from trainer.lr_schedule import learning_rate
+    from trainer.model import build_model
+
+    cfg = Config(batch_size=1024, lr_scaling="linear", warmup_epochs=2)
+    rates = [float(learning_rate(cfg, steps_per_epoch=10)(step)) for step in (0, 10, 20, 21, 500)]
+    assert rates == pytest.approx([0.001, 0.0045, 0.008, 0.008, 0.008])
+    model = build_model(cfg, steps_per_epoch=10)
+    x = np.random.default_rng(0).random((64, 784), "float32")
+    y = np.eye(10, dtype="float32")[np.arange(64) % 10]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps: halfway into epoch 1 of the ramp
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.001 + 0.007 * 8 / 20)
+    checkpoint.save(str(tmp_path / "ckpt"), model, 1, cfg.to_dict(), [])
+    resumed = build_model(cfg, steps_per_epoch=10)
+    resumed.optimizer.build(resumed.trainable_variables)
+    checkpoint.load(str(tmp_path / "ckpt"), resumed)
+    assert float(resumed.optimizer.learning_rate) == pytest.approx(float(model.optimizer.learning_rate))
+    model.save(tmp_path / "m.keras")
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import keras, sys; m = keras.saving.load_model(sys.argv[1]); "
+         "print(int(m.optimizer.iterations), float(m.optimizer.learning_rate))", str(tmp_path / "m.keras")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    iterations, rate = loaded.stdout.split()
+    assert int(iterations) == 8 and float(rate) == pytest.approx(0.001 + 0.007 * 8 / 20)

@@ -7,10 +7,14 @@ as a plain dict (`dataclasses.asdict(cfg)` on the driver, `Config(**d)` on the w
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 MODELS = ("mlp", "cnn")
 PLACEMENTS = ("PACK", "SPREAD")
+LR_SCALINGS = ("none", "linear", "sqrt")
+BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning rate's reference
+TENSORBOARD_SCHEMES = ("file", "gs")  # what tf.summary can write to in a stock TensorFlow
 
 
 def _opt(default, help, **extra):
@@ -23,38 +27,70 @@ class Config:
     # Data and outputs.
     data: str | None = _opt(
         None, "MNIST source: a Keras .npz, a directory of IDX files (.gz or raw), or a Parquet "
-        "directory this project wrote. Default: $MNIST_DATA, else keras.datasets download.")
-    output: str = _opt("models", "directory for mnist.keras, mnist.h5 and metrics.json")
+        "directory this project wrote (a local path or a URI such as s3://bucket/mnist-parquet) "
+        "(default: $MNIST_DATA, else the keras.datasets download)")
+    output: str = _opt("models", "local directory for mnist.keras, mnist.h5, metrics.json, "
+                       "evaluation.json and the plots")
     storage_path: str | None = _opt(
-        None, "where Ray Train keeps checkpoints and prepared Parquet data "
+        None, "where Ray Train keeps checkpoints, prepared Parquet data and a copy of the final "
+        "outputs (<run>/model): a local path, or a URI such as s3://bucket/mnist "
         "(default: <output>/ray_results)")
     run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume (default: a timestamp)")
     # The recipe (the classic Keras MNIST tutorial).
     model: str = _opt("mlp", "mlp: Dense(512)+Dense(10) (tutorial); cnn: small convnet", choices=MODELS)
     epochs: int = _opt(5, "training epochs")
-    batch_size: int = _opt(128, "global batch size, split evenly across workers")
-    learning_rate: float = _opt(0.001, "RMSprop learning rate")
+    batch_size: int | None = _opt(
+        None, f"global batch size, split evenly across workers (default: {BASE_BATCH_SIZE}, the "
+        "tutorial's, whatever the worker count; or --per-worker-batch-size x --num-workers)")
+    per_worker_batch_size: int | None = _opt(
+        None, "batch per worker instead of a fixed global batch: the global batch grows with the workers")
+    learning_rate: float = _opt(
+        0.001, f"RMSprop learning rate; with --lr-scaling, the rate at global batch {BASE_BATCH_SIZE}")
+    lr_scaling: str = _opt(
+        "none", f"scale the learning rate with global batch / {BASE_BATCH_SIZE}: none (the tutorial), "
+        "linear, or sqrt", choices=LR_SCALINGS)
+    warmup_epochs: int = _opt(
+        0, "ramp the learning rate linearly, every step, from --learning-rate to the scaled rate "
+        "over these first epochs (needs --lr-scaling)")
     seed: int = _opt(0, "seed for weight init and shuffling")
     # Cluster.
     num_workers: int = _opt(2, "Ray Train workers (one model replica each)")
     cpus_per_worker: int = _opt(1, "CPUs reserved per worker; also TensorFlow's thread count")
     use_gpu: bool = _opt(False, "one GPU per worker")
+    placement_strategy: str = _opt(
+        "PACK", "PACK workers onto few nodes, or SPREAD them across nodes", choices=PLACEMENTS)
     address: str | None = _opt(
-        None, "Ray cluster to join ('auto' or host:port). Default: $RAY_ADDRESS, else a local Ray")
+        None, "Ray cluster to join ('auto' or host:port) (default: $RAY_ADDRESS, else a local Ray)")
     local_cpus: int | None = _opt(
         None, "logical CPUs of the local Ray (default: this machine's cores + 1 for Ray Data)")
+    resource_wait_s: float = _opt(
+        0.0, "on an autoscaling cluster: seconds to wait for room for the workers (asking the "
+        "autoscaler for it) before failing; 0 fails at once")
     # Fault tolerance.
     max_failures: int = _opt(0, "worker-group restarts Ray Train may make (FailureConfig)")
     keep_checkpoints: int = _opt(2, "newest checkpoints to keep (CheckpointConfig)")
+    force: bool = _opt(False, "retrain even if --run-name already finished (its folder is moved aside)")
     collective_timeout_s: float = _opt(
         300.0, "seconds a collective may wait for a peer before failing (no hang on a dead worker)")
     # Speed.
     steps_per_call: int = _opt(20, "training steps per tf.function call (fewer Python round trips)")
+    # What users look at.
+    augment: bool = _opt(False, "random rotation (10 deg), translation and zoom (10%) while training; "
+                         "off at evaluation and in the saved model's predictions")
+    tensorboard_dir: str | None = _opt(
+        None, "write per-epoch scalars (loss, accuracy, learning rate, samples/s) here from rank 0 "
+        "for `tensorboard --logdir`; a local path, or gs://")
+    export_savedmodel: bool = _opt(False, "also write a TensorFlow SavedModel with a serving signature "
+                                   "to <output>/mnist_savedmodel")
 
     def __post_init__(self):
+        if self.batch_size is None:  # resolved once, here: per-worker batch x workers, else the tutorial's
+            object.__setattr__(self, "batch_size", _default_batch_size(self))
         problems = list(_problems(self))
         if problems:
             raise ValueError(problems[0])
+        if self.tensorboard_dir and "://" not in self.tensorboard_dir:  # Ray Train runs workers elsewhere
+            object.__setattr__(self, "tensorboard_dir", os.path.abspath(self.tensorboard_dir))
 
     @property
     def per_worker_batch(self) -> int:
@@ -71,6 +107,12 @@ class Config:
         return cls(**values)
 
 
+def _default_batch_size(cfg: Config) -> int:
+    if type(cfg.per_worker_batch_size) is int and type(cfg.num_workers) is int:  # else _problems says
+        return cfg.per_worker_batch_size * cfg.num_workers
+    return BASE_BATCH_SIZE
+
+
 def _problems(cfg: Config):
     """Yield one sentence per invalid setting, in field order."""
     for f in dataclasses.fields(cfg):
@@ -83,6 +125,12 @@ def _problems(cfg: Config):
             return
     if cfg.epochs < 1:
         yield f"epochs must be at least 1, got {cfg.epochs}"
+    per_worker = cfg.per_worker_batch_size
+    if per_worker is not None and per_worker < 1:
+        yield f"per_worker_batch_size must be at least 1, got {per_worker}"
+    elif per_worker is not None and cfg.batch_size != per_worker * cfg.num_workers:
+        yield (f"give batch_size (global) or per_worker_batch_size, not both: batch_size "
+               f"{cfg.batch_size} is not {per_worker} x {cfg.num_workers} workers")
     if cfg.num_workers < 1:
         yield f"num_workers must be at least 1, got {cfg.num_workers}"
     elif cfg.batch_size < cfg.num_workers:
@@ -93,17 +141,37 @@ def _problems(cfg: Config):
                "the global batch is split evenly across workers")
     if not cfg.learning_rate > 0:
         yield f"learning_rate must be positive, got {cfg.learning_rate}"
+    if cfg.lr_scaling not in LR_SCALINGS:
+        yield f"unknown lr_scaling {cfg.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}"
+    if cfg.warmup_epochs < 0:
+        yield f"warmup_epochs must be 0 or more, got {cfg.warmup_epochs}"
+    elif cfg.warmup_epochs and cfg.lr_scaling == "none":
+        yield "warmup_epochs ramps up to a scaled learning rate: give --lr-scaling linear or sqrt too"
     if cfg.model not in MODELS:
         yield f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}"
     if cfg.cpus_per_worker < 1:
         yield f"cpus_per_worker must be at least 1, got {cfg.cpus_per_worker}"
+    if cfg.placement_strategy not in PLACEMENTS:
+        yield f"unknown placement strategy {cfg.placement_strategy!r}; choose PACK or SPREAD"
+    if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name
+                                     or cfg.run_name.startswith((".", "_"))):
+        yield f"run_name {cfg.run_name!r} must be a plain folder name (no '/', not starting with . or _)"
     if cfg.local_cpus is not None and cfg.local_cpus < 1:
         yield f"local_cpus must be at least 1, got {cfg.local_cpus}"
     if cfg.max_failures < -1:
         yield f"max_failures must be -1 (unlimited) or more, got {cfg.max_failures}"
     if cfg.keep_checkpoints < 1:
         yield f"keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}"
+    if cfg.resource_wait_s < 0:
+        yield f"resource_wait_s must be 0 or more, got {cfg.resource_wait_s}"
     if not cfg.collective_timeout_s > 0:
         yield f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}"
     if cfg.steps_per_call < 1:
         yield f"steps_per_call must be at least 1, got {cfg.steps_per_call}"
+    if cfg.tensorboard_dir is not None:
+        scheme = cfg.tensorboard_dir.split("://")[0] if "://" in cfg.tensorboard_dir else "file"
+        if not cfg.tensorboard_dir.strip():
+            yield "tensorboard_dir must be a directory, got an empty string"
+        elif scheme not in TENSORBOARD_SCHEMES:
+            yield (f"tensorboard_dir {cfg.tensorboard_dir!r}: TensorFlow cannot write event files to "
+                   f"{scheme}:// (only local paths and gs://); write locally and copy the folder")
