@@ -1,0 +1,309 @@
+"""Plain Keras against the distributed job, side by side, on the same data in one invocation.
+
+    python scripts/benchmark.py --data ../shared/data/mnist     # about 6 minutes on 2 cores
+    python scripts/benchmark.py --smoke                         # committed sample, 1 epoch: a test
+
+Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for the job, Ray):
+  a  scripts/plain_keras.py: the tutorial, model.fit in one process
+  b  jobs/train_mnist.py, 1 worker given every core (as plain Keras has), global batch 128
+  c  2 workers, global batch 128
+  d  2 workers, global batch 512 and 1024, learning rate scaled linearly with 1 epoch of warm-up
+For each: seconds per epoch (median of epochs 2..N), samples/s, start to first training step,
+wall time, peak resident memory of a worker process, test accuracy. Prints them as ratios to (a)
+and writes <output>/benchmark.json and benchmark.png (throughput against worker count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from trainer.outputs import write_bytes_atomic, write_json_atomic  # noqa: E402
+
+SAMPLE = os.path.join(ROOT, "tests", "data", "mnist_sample.npz")
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "mnist")
+CORES = os.cpu_count() or 1
+SCALED = ("--lr-scaling", "linear", "--warmup-epochs", "1")  # the rule for runs past batch 128
+RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baseline
+    "a": ("plain Keras, 1 process", 1, None),
+    "b": (f"job, 1 worker ({CORES} CPUs), batch 128", 1, ("--num-workers", "1", "--cpus-per-worker", str(CORES))),
+    "c": ("job, 2 workers, batch 128", 2, ("--num-workers", "2")),
+    "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),
+    "d1024": ("job, 2 workers, batch 1024", 2, ("--num-workers", "2", "--batch-size", "1024", *SCALED)),
+}
+SMOKE_RUNS = ("a", "c")
+TARGETS = (  # (run, what, the most it may cost as a ratio to plain Keras's seconds per epoch)
+    ("b", "1 worker, seconds per epoch", 1.1),
+    ("c", "2 workers at batch 128, seconds per epoch", 1.5),
+    ("best", "2 workers at the best batch, seconds per epoch", 1.0),
+)
+MIN_ACCURACY = 0.978
+MAX_START_S = 15.0
+FIGURES = (  # (key, column title, format)
+    ("seconds_per_epoch", "s/epoch", "{:.2f}"),
+    ("samples_per_second", "samples/s", "{:,.0f}"),
+    ("start_to_first_step_s", "start->step s", "{:.1f}"),
+    ("wall_s", "wall s", "{:.1f}"),
+    ("peak_rss_mb", "peak MB/proc", "{:,.0f}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+)
+
+
+class BenchmarkError(RuntimeError):
+    """A run failed or the input is unusable; the message says which, in one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="MNIST (IDX dir, .npz or Parquet); default $MNIST_DATA, "
+                        "else ../shared/data/mnist")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of every run")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"which runs, of {', '.join(RUNS)}")
+    parser.add_argument("--job-args", default="", help="extra flags for every job run, to try a lever "
+                        "(e.g. '--steps-per-call 50')")
+    parser.add_argument("--output", default="bench", help="benchmark.json, benchmark.png, run logs")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
+    parser.add_argument("--smoke", action="store_true", help=f"the committed sample, 1 epoch, runs "
+                        f"{' and '.join(SMOKE_RUNS)}: checks the benchmark works, measures nothing")
+    args = parser.parse_args(argv)
+    try:
+        results = run_benchmark(args)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(format_table(results), flush=True)
+    print(f"wrote {results['json']} and {results['png']}", flush=True)
+    return 0
+
+
+def run_benchmark(args) -> dict:
+    data = SAMPLE if args.smoke else (args.data or os.environ.get("MNIST_DATA") or DEFAULT_DATA)
+    keys = list(SMOKE_RUNS) if args.smoke else [k.strip() for k in args.runs.split(",") if k.strip()]
+    epochs = 1 if args.smoke else args.epochs
+    unknown = [k for k in keys if k not in RUNS]
+    if unknown or "a" not in keys:
+        raise BenchmarkError(f"--runs must include a (the baseline) and name only {', '.join(RUNS)}; "
+                             f"got {args.runs!r}")
+    if epochs < 1:
+        raise BenchmarkError(f"--epochs must be at least 1, got {epochs}")
+    output = os.path.abspath(args.output)
+    storage = os.path.join(output, "ray_results")
+    os.makedirs(os.path.join(output, "logs"), exist_ok=True)
+    prepare_s, train_rows = _prepare_data(data, storage)  # once, untimed: a user's second run reuses it
+    results = {"machine": _machine(), "data": os.path.abspath(data), "epochs": epochs,
+               "train_rows": train_rows, "job_args": args.job_args, "data_preparation_s": prepare_s,
+               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "runs": []}
+    for key in sorted(keys, key=list(RUNS).index):
+        print(f"run {key}: {RUNS[key][0]} ...", flush=True)
+        run = _run_one(key, data, epochs, train_rows, shlex.split(args.job_args), output, storage,
+                       args.timeout)
+        results["runs"].append(run)
+        print(f"  {run['seconds_per_epoch']:.2f} s/epoch, test accuracy {run['test_accuracy']:.4f}, "
+              f"wall {run['wall_s']:.1f} s", flush=True)
+    results["machine"]["load_average_after"] = os.getloadavg()
+    add_ratios(results)
+    results["json"] = os.path.join(output, "benchmark.json")
+    results["png"] = os.path.join(output, "benchmark.png")
+    write_json_atomic(results["json"], results)
+    write_bytes_atomic(results["png"], plot_png(results))
+    return results
+
+
+def _prepare_data(data: str, storage: str) -> tuple[float, int]:
+    """Validate the data and write the job's Parquet shards where its runs will look: (s, train rows)."""
+    from trainer import data as mnist_data
+    from trainer.driver import DATA_DIR
+
+    started = time.perf_counter()
+    try:
+        _, _, manifest = mnist_data.prepare(mnist_data.resolve_source(data),
+                                            mnist_data.join(storage, DATA_DIR))
+    except (mnist_data.DataError, ValueError) as exc:
+        raise BenchmarkError(str(exc)) from None
+    return time.perf_counter() - started, manifest["splits"]["train"]["rows"]
+
+
+def _run_one(key: str, data: str, epochs: int, train_rows: int, job_args: list[str], output: str,
+             storage: str, timeout: float) -> dict:
+    label, workers, flags = RUNS[key]
+    out_dir = os.path.join(output, "runs", key)
+    if flags is None:
+        command = [sys.executable, os.path.join(ROOT, "scripts", "plain_keras.py"), "--data", data,
+                   "--epochs", str(epochs)]
+    else:
+        command = [sys.executable, os.path.join(ROOT, "jobs", "train_mnist.py"), "--data", data,
+                   "--epochs", str(epochs), "--output", out_dir, "--storage-path", storage,
+                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *job_args]
+    log = os.path.join(output, "logs", f"{key}.log")
+    started, code, max_rss_kb = _timed_subprocess(command, log, timeout)
+    ended = time.time()
+    if code != 0:
+        raise BenchmarkError(f"run {key} ({label}) exited with {code}: {_last_line(log)} (log: {log})")
+    run = {"key": key, "label": label, "workers": workers, "command": shlex.join(command), "log": log,
+           "wall_s": ended - started, "process_peak_rss_mb": max_rss_kb / 1024}
+    if flags is None:
+        summary = json.loads(_last_line(log))
+        epoch_seconds = summary["epoch_seconds"]
+        process_started = ended - summary["wall_seconds"]  # the script times itself from main()
+        run.update(global_batch=128, lr_scaling="none", epoch_seconds=epoch_seconds,
+                   seconds_per_epoch=_steady(epoch_seconds),
+                   samples_per_second=train_rows / _steady(epoch_seconds),
+                   start_to_first_step_s=process_started + summary["start_to_first_step"] - started,
+                   peak_rss_mb=max_rss_kb / 1024, test_accuracy=summary["test_accuracy"])
+    else:
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        history, cfg = metrics["epochs"], metrics["config"]
+        run.update(global_batch=cfg["batch_size"], lr_scaling=cfg.get("lr_scaling", "none"),
+                   epoch_seconds=[h["seconds"] for h in history],
+                   seconds_per_epoch=_steady([h["seconds"] for h in history]),
+                   samples_per_second=_steady([h["samples_per_second"] for h in history]),
+                   start_to_first_step_s=history[0]["first_step_unix"] - started,
+                   peak_rss_mb=max(h["peak_rss_mb"] for h in history),
+                   learning_rates=[h["learning_rate"] for h in history],
+                   test_accuracy=metrics["test_accuracy"])
+    return run
+
+
+def _timed_subprocess(command: list[str], log: str, timeout: float) -> tuple[float, int, int]:
+    """Run to completion: (start time, exit code, peak RSS of that process in KiB, via wait4)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("RAY_ADDRESS", None)  # every job run starts (and times) its own local Ray
+    with open(log, "w") as out:
+        started = time.time()
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+                return started, proc.returncode, usage.ru_maxrss
+            if time.time() > deadline:
+                _stop(proc)
+                raise BenchmarkError(f"{os.path.basename(command[1])} ran past --timeout {timeout:g} s "
+                                     f"(log: {log})")
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the job then shuts its Ray down), then SIGKILL the process group this script made."""
+    proc.terminate()
+    for _ in range(300):
+        if os.wait4(proc.pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    os.wait4(proc.pid, 0)
+
+
+def _last_line(path: str) -> str:
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def _steady(values: list[float]) -> float:
+    """Median of epochs 2..N: epoch 1 also traces the step function. One epoch: that epoch."""
+    return statistics.median(values[1:] or values)
+
+
+def _machine() -> dict:
+    from importlib.metadata import version
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "tensorflow": version("tensorflow"),
+            "keras": version("keras"), "ray": version("ray"), "load_average_before": os.getloadavg()}
+
+
+def add_ratios(results: dict) -> None:
+    """Each figure of each run over the same figure of run a; then which targets were met."""
+    runs = {run["key"]: run for run in results["runs"]}
+    base = runs["a"]
+    for run in results["runs"]:
+        run["ratios"] = {key: run[key] / base[key] for key, _, _ in FIGURES}
+    scaled = [r for k, r in runs.items() if k.startswith("d") and r["test_accuracy"] >= MIN_ACCURACY]
+    runs["best"] = min(scaled + [r for k, r in runs.items() if k == "c"],
+                       key=lambda r: r["seconds_per_epoch"], default=None)
+    results["targets"] = []
+    for key, what, limit in TARGETS:
+        run = runs.get(key)
+        if run is not None:
+            ratio = run["ratios"]["seconds_per_epoch"]
+            accurate = run["workers"] == 1 or run["test_accuracy"] >= MIN_ACCURACY
+            results["targets"].append({"run": run["key"], "what": what, "limit": limit, "ratio": ratio,
+                                       "basis": f"same epochs ({results['epochs']})",
+                                       "test_accuracy": run["test_accuracy"],
+                                       "met": ratio <= limit and accurate})
+    for run in results["runs"][1:]:
+        results["targets"].append({"run": run["key"], "what": "start to first step, seconds",
+                                   "limit": MAX_START_S, "value": run["start_to_first_step_s"],
+                                   "met": run["start_to_first_step_s"] <= MAX_START_S})
+
+
+def format_table(results: dict) -> str:
+    """The runs as 'value (ratio to a)', then the targets, as printable text."""
+    header = ["run", *[title for _, title, _ in FIGURES]]
+    rows = [[f"{run['key']} {run['label']}",
+             *[f"{fmt.format(run[key])} ({run['ratios'][key]:.2f}x)" for key, _, fmt in FIGURES]]
+            for run in results["runs"]]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths))) for row in [header, *rows]]
+    machine = results["machine"]
+    lines.insert(0, f"{results['epochs']} epochs on {results['data']}; {machine['cpus']} CPUs, "
+                    f"load average {machine['load_average_before'][0]:.1f} before, "
+                    f"{machine.get('load_average_after', [float('nan')])[0]:.1f} after; "
+                    f"figures as value (ratio to run a)")
+    for target in results["targets"]:
+        shown = (f"{target['ratio']:.2f}x (limit {target['limit']}x), test accuracy "
+                 f"{target['test_accuracy']:.4f}" if "ratio" in target
+                 else f"{target['value']:.1f} s (limit {target['limit']:g} s)")
+        lines.append(f"target {'MET ' if target['met'] else 'MISSED'} run {target['run']}: "
+                     f"{target['what']}: {shown}")
+    return "\n".join(lines)
+
+
+def plot_png(results: dict) -> bytes:
+    """Samples per second against worker count, one line per global batch, plain Keras as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    jobs = [run for run in results["runs"] if run["key"] != "a"]
+    for batch in sorted({run["global_batch"] for run in jobs}):
+        points = sorted((run["workers"], run["samples_per_second"]) for run in jobs
+                        if run["global_batch"] == batch)
+        ax.plot(*zip(*points), marker="o", label=f"job, global batch {batch}")
+    base = next(run for run in results["runs"] if run["key"] == "a")
+    ax.axhline(base["samples_per_second"], color="gray", linestyle="--", label="plain Keras")
+    ax.set(xlabel="workers", ylabel="training samples / s (median epoch)",
+           title=f"MNIST MLP throughput, {results['machine']['cpus']} CPUs")
+    ax.set_xticks(sorted({run["workers"] for run in jobs} | {1}))
+    ax.set_ylim(0, 1.3 * max(run["samples_per_second"] for run in results["runs"]))  # room for the legend
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
