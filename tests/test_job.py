@@ -12,12 +12,18 @@ from tests.conftest import ROOT, SAMPLE, read_metrics, run_job
 SAMPLE_TRAIN_ROWS = 3000
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+EPOCHS = 10  # about 1 s each on the sample; enough to converge so worker counts can be compared
+WORKER_COUNTS = (1, 2, 4)
+ACCURACY = {}  # workers -> test accuracy, filled as the runs finish
+
+
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=[f"{n}-workers" for n in WORKER_COUNTS])
 def finished(request, tmp_path_factory):
     output = tmp_path_factory.mktemp(f"out{request.param}")
-    proc = run_job("--data", str(SAMPLE), "--num-workers", str(request.param), "--epochs", "3",
-                   "--output", str(output))
+    proc = run_job("--data", str(SAMPLE), "--num-workers", str(request.param), "--epochs", str(EPOCHS),
+                   "--local-cpus", str(max(WORKER_COUNTS) + 1), "--output", str(output))  # +1: Ray Data
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ACCURACY[request.param] = read_metrics(output)["test_accuracy"]
     return request.param, output, proc
 
 
@@ -25,12 +31,21 @@ def test_job_trains_and_reports_every_epoch(finished):
     workers, output, proc = finished
     metrics = read_metrics(output)
     epochs = metrics["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3] and metrics["num_workers"] == workers
+    assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1)) and metrics["num_workers"] == workers
     assert epochs[-1]["loss"] < epochs[0]["loss"]  # the loss falls
     assert all(e["seconds"] > 0 and e["samples_per_second"] > 0 for e in epochs)
-    assert metrics["test_accuracy"] > 0.8  # 3 epochs on 3,000 digits
+    assert metrics["test_accuracy"] > 0.85  # 10 epochs on 3,000 digits reach about 0.92
     assert f"test accuracy: {metrics['test_accuracy']:.4f}" in proc.stdout
-    assert "epoch 3/3" in proc.stdout + proc.stderr  # rank 0's progress line reached the driver
+    assert f"epoch {EPOCHS}/{EPOCHS}" in proc.stdout + proc.stderr  # rank 0's progress reached the driver
+
+
+def test_worker_count_does_not_change_the_accuracy(finished):
+    """Same global batch, same recipe. On 1,000 test images the shuffle order alone moves accuracy
+    by about half a point (measured 0.924 / 0.923 / 0.918 at 1 / 2 / 4 workers), so the sample is
+    held to 1 point; full MNIST is held to 0.3 in tests/test_full_mnist.py."""
+    if len(ACCURACY) < len(WORKER_COUNTS):
+        pytest.skip("compared once every worker count has run")
+    assert max(ACCURACY.values()) - min(ACCURACY.values()) <= 0.01, ACCURACY
 
 
 def test_workers_trained_on_disjoint_equal_shards_covering_the_sample(finished):
@@ -74,6 +89,24 @@ def test_a_worker_count_the_cluster_cannot_fit_fails_fast(tmp_path):
     assert "asked for 8 workers x 1 CPU" in proc.stderr and "the cluster has" in proc.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "mnist.keras").exists()
+
+
+def test_waiting_for_an_autoscaler_is_announced_and_bounded(tmp_path):
+    started = time.monotonic()
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--resource-wait-s", "6",
+                   "--output", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    assert "waiting up to 6s for the autoscaler: asked for 8 workers" in proc.stdout
+    assert "(after waiting 6s)" in proc.stderr.strip().splitlines()[-1]
+    assert 6 <= time.monotonic() - started < 70
+
+
+def test_an_unreachable_cluster_address_fails_fast_before_data_work(tmp_path):
+    proc = run_job("--data", str(SAMPLE), "--address", "127.0.0.1:9", "--output", str(tmp_path),
+                   "--storage-path", str(tmp_path / "runs"), timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster at 127.0.0.1:9")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_use_gpu_without_gpus_fails_before_training(tmp_path):

@@ -202,6 +202,31 @@ def test_submitted_job_with_bad_arguments_fails_with_a_one_line_error(cluster, t
     assert not any("Traceback" in line for line in logs)
 
 
+@pytest.mark.timeout(700)
+def test_a_retrain_slot_submitted_twice_trains_once(cluster, tmp_path):
+    """scripts/submit_retrain.sh for the same slot twice: Ray itself refuses the second submission
+    id, the script calls that "already done", and the first one promotes a version."""
+    slot = f"2026-11-28T02-{uuid.uuid4().hex[:6]}"
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "MNIST_STORE": str(tmp_path / "store"),
+           "MNIST_DATA": "tests/data/mnist_sample.npz", "MNIST_RETRAIN_SLOT": slot,
+           "MNIST_RETRAIN_LOG_DIR": str(tmp_path / "logs")}
+    flags = ["--epochs", "2", "--min-accuracy", "0.5"]
+    first = subprocess.run(["bash", "scripts/submit_retrain.sh", *flags], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = subprocess.run(["bash", "scripts/submit_retrain.sh", *flags], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "already done" in again.stdout, again.stdout + again.stderr
+
+    submission_id, deadline = f"mnist-retrain-{slot}", time.monotonic() + 600
+    while (status := job_status(cluster, submission_id)) in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, "the retraining job did not finish"
+        time.sleep(3)
+    assert status == "SUCCEEDED", job_logs(cluster, submission_id)[-20:]
+    assert any(line.startswith("promoted ") for line in job_logs(cluster, submission_id))
+    assert (tmp_path / "store" / "current.json").is_file()
+
+
 # ---- the runtime environment (no cluster) ------------------------------------------------------
 
 def runtime_env() -> dict:
