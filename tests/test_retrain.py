@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE
+from trainer import report
 from trainer.data import content_hash, load_npz
 
 RETRAIN = ROOT / "jobs" / "retrain.py"
@@ -110,7 +111,8 @@ def test_second_version_on_changed_data_is_promoted_and_is_the_better_one(night)
     assert second["gate"]["baseline_accuracy"] == pytest.approx(first["test_accuracy"], abs=1e-6)
     for vid, rec in ((v1, first), (v2, second)):
         folder = store / "versions" / vid
-        assert sorted(os.listdir(folder)) == ["metrics.json", "mnist.h5", "mnist.keras", "version.json"]
+        assert sorted(os.listdir(folder)) == sorted(
+            ["metrics.json", "mnist.h5", "mnist.keras", "version.json", *report.FILES])  # + report, plots
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["test_accuracy"] == rec["test_accuracy"]
         assert rec["started"] <= rec["finished"] and rec["git_commit"]

@@ -38,12 +38,13 @@ class TrainingError(RuntimeError):
 def run(cfg: Config) -> dict:
     """Train with Ray Train, evaluate on the test split, write outputs; return the metrics dict."""
     started = time.time()
-    if _on_loopback(cfg.address or os.environ.get("RAY_ADDRESS")):
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if _on_loopback(address):
         # Ray resolves 127.0.0.1 to the host's address unless it runs as a single-machine Ray
         # (read when ray is imported); this keeps a local Ray, and the driver joining one, on loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        _check_reachable(cfg.address or os.environ["RAY_ADDRESS"])
+    if address:
+        _check_reachable(address)
     storage = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
     run_dir = data.join(storage, run_name)
@@ -228,7 +229,8 @@ def _check_storage_shared(ray, storage: str) -> None:
 
 
 def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from trainer.worker import train_loop_per_worker
@@ -240,6 +242,9 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         datasets={"train": ray.data.read_parquet(data.join(parquet_dir, "train"))},
+        # preserve_order: blocks reach the split in file order and go to the emptiest worker, so the
+        # same seed gives the same shards and the same run (locality-based dispatch varies run to run).
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

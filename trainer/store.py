@@ -1,6 +1,7 @@
 """The model store: immutable model versions, a pointer to the current one, and an exclusive lock.
 
-    <store>/versions/<id>/        mnist.keras, mnist.h5, metrics.json, version.json; never changed
+    <store>/versions/<id>/        mnist.keras, mnist.h5, metrics.json, version.json, the evaluation
+                                  report and plots; never changed
     <store>/current.json          {"version": <id>, "history": [...]}: temp name, then os.replace
     <store>/lock                  the running retrain: pid, host, start time (see `Store.locked`)
     <store>/staging/<id>/         a run's outputs until registered (one rename into versions/)
