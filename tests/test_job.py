@@ -75,6 +75,17 @@ for name in ("mnist.keras", "mnist.h5"):
     assert accuracies == pytest.approx([expected, expected], abs=1e-6)
 
 
+def test_evaluation_report_and_plots_agree_with_metrics(finished):
+    _, output, proc = finished
+    metrics = read_metrics(output)
+    evaluation = json.loads((output / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert evaluation["examples"] == 1000 and sum(map(sum, evaluation["confusion_matrix"])) == 1000
+    assert "weighted avg" in proc.stdout  # the report table is printed at the end of the job
+    for name in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_no_temporary_files_are_left_in_the_output(finished):
     _, output, _ = finished
     names = {p.name for p in output.iterdir()}
