@@ -39,7 +39,8 @@ def trained():
 @pytest.fixture(scope="module")
 def written(trained, tmp_path_factory):
     _, history, images, labels, probs = trained
-    return write_all(str(tmp_path_factory.mktemp("report")), images, labels, probs, history)
+    return write_all(str(tmp_path_factory.mktemp("report")), images, labels, probs,
+                     evaluation_report(labels, probs), history)
 
 
 def assert_real_picture(path: str) -> None:
@@ -97,7 +98,8 @@ def test_a_perfect_model_and_a_single_epoch_still_plot(tmp_path):
     with np.load(SAMPLE) as npz:
         images, labels = npz["x_test"][:200], npz["y_test"][:200]
     history = [{"epoch": 1, "loss": 0.3, "accuracy": 0.91, "seconds": 2.0, "samples_per_second": 30000.0}]
-    paths = write_all(str(tmp_path), images, labels, np.eye(10)[labels], history)
+    probs = np.eye(10)[labels]
+    paths = write_all(str(tmp_path), images, labels, probs, evaluation_report(labels, probs), history)
     report = json.loads(open(paths["evaluation.json"]).read())
     assert report["accuracy"] == 1.0 and report["errors"] == 0
     assert_real_picture(paths["training_curves.png"])

@@ -45,9 +45,7 @@ def load(directory: str, model) -> dict:
             weights = [npz[k] for k in sorted(k for k in npz.files if k.startswith("w"))]
             slots = [npz[k] for k in sorted(k for k in npz.files if k.startswith("o"))]
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {directory} is unreadable ({type(exc).__name__}: {str(exc)[:160]}); "
-            "pass --force to move the run aside and start over") from None
+        raise _unreadable(directory, exc) from None
     variables = _optimizer_variables(model)
     if len(weights) != len(model.weights) or len(slots) != len(variables):
         raise CheckpointError(
@@ -68,10 +66,14 @@ def verify(directory: str) -> dict:
             for key in npz.files:
                 npz[key]
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {directory} is unreadable ({type(exc).__name__}: {str(exc)[:160]}); "
-            "nothing was overwritten: pass --force to move the run aside and start over") from None
+        raise _unreadable(directory, exc) from None
     return read_meta(directory)
+
+
+def _unreadable(directory: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {directory} is unreadable ({type(exc).__name__}: {str(exc)[:160]}); "
+        "nothing was overwritten: pass --force to move the run aside and start over")
 
 
 def read_meta(directory: str) -> dict:

@@ -81,15 +81,16 @@ def run(cfg: Config) -> dict:
         "run": {"name": run_name, "storage_path": storage, "checkpoint": final.path},
         "wall_seconds": time.time() - started,
     }
-    published = _write_outputs(cfg, model, metrics, mnist, probs, data.join(run_dir, PUBLISHED))
-    print(report.format_report(report.evaluation_report(mnist.y_test, probs)), flush=True)
+    evaluation = report.evaluation_report(mnist.y_test, probs)
+    published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, data.join(run_dir, PUBLISHED))
+    print(report.format_report(evaluation), flush=True)
     print(f"test accuracy: {test_accuracy:.4f}", flush=True)
     print(f"model saved to {os.path.join(cfg.output, 'mnist.keras')} and mnist.h5 "
           f"(copies with metrics.json in {published})", flush=True)
     return metrics
 
 
-def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, published: str) -> str:
+def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: dict, published: str) -> str:
     """Model files, report and plots, then metrics.json, into --output (each atomically), then the
     same files into <run>/model in the storage path (metrics.json last: it marks them complete)."""
     os.makedirs(cfg.output, exist_ok=True)
@@ -98,7 +99,8 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, published: s
         save_model_atomic(model, os.path.join(cfg.output, name))
     if cfg.export_savedmodel:
         metrics["savedmodel"] = export.export_savedmodel(model, os.path.join(cfg.output, export.DIRECTORY))
-    metrics["report"] = report.write_all(cfg.output, mnist.x_test, mnist.y_test, probs, metrics["epochs"])
+    metrics["report"] = report.write_all(cfg.output, mnist.x_test, mnist.y_test, probs, evaluation,
+                                         metrics["epochs"])
     write_json_atomic(os.path.join(cfg.output, "metrics.json"), metrics)
     publish([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
     return published
@@ -106,10 +108,16 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, published: s
 
 def _on_loopback(address: str | None) -> bool:
     """No address (a local Ray) or one on this machine's loopback (ray://, http:// or host:port)."""
-    if not address:
-        return True
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
+    return not address or _host_port(address)[0] in ("127.0.0.1", "localhost", "::1")
+
+
+def _host_port(address: str) -> tuple[str, str | None]:
+    """'ray://h:p', 'http://h:p', 'h:p' or 'auto' -> (host, port or None)."""
+    target = address.split("://")[-1]
+    if ":" not in target:
+        return target, None
+    host, port = target.rsplit(":", 1)
+    return host.strip("[]"), port
 
 
 def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str):
@@ -156,12 +164,11 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """ray.init retries an unreachable cluster address for ever; fail in seconds instead."""
     import socket
 
-    target = address.split("://")[-1]
-    if ":" not in target:  # "auto": Ray looks the address up itself
+    host, port = _host_port(address)
+    if port is None:  # "auto": Ray looks the address up itself
         return
-    host, port = target.rsplit(":", 1)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc}); is it running? "
                            "check --address / $RAY_ADDRESS") from None

@@ -45,9 +45,10 @@ def save_model_atomic(model, path: str) -> None:
 
 
 def publish(paths: list[str], destination: str) -> None:
-    """Copy finished files (or a SavedModel folder) into `destination` (a local path or a URI such as s3://bucket/run/model),
+    """Copy finished files into `destination` (a local path or a URI such as s3://bucket/run/model),
     in order, each under a temporary name first and then renamed: a reader never sees half a file.
-    Put metrics.json last: its presence means the rest is complete."""
+    A folder (the SavedModel) is copied in place. Put metrics.json last: its presence means the
+    rest is complete."""
     from pyarrow import fs as pafs
 
     from trainer.data import filesystem
@@ -56,7 +57,7 @@ def publish(paths: list[str], destination: str) -> None:
     target_fs.create_dir(root, recursive=True)
     for path in paths:
         target = f"{root}/{os.path.basename(path)}"
-        if os.path.isdir(path):  # a SavedModel; object stores cannot rename folders: metrics.json marks it done
+        if os.path.isdir(path):  # object stores cannot rename folders: metrics.json marks it done
             pafs.copy_files(path, target, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=target_fs)
             continue

@@ -177,9 +177,9 @@ def plot_misclassified(images, y_true, probs, path: str, count: int = 25) -> Non
 
 # ---------------------------------------------------------------------------- all outputs
 
-def write_all(output_dir: str, images, y_true, probs, history: list[dict]) -> dict[str, str]:
-    """Write evaluation.json and the three PNGs into `output_dir`, each atomically; name -> path."""
-    report = evaluation_report(y_true, probs)
+def write_all(output_dir: str, images, y_true, probs, report: dict, history: list[dict]) -> dict[str, str]:
+    """Write `report` (from evaluation_report(y_true, probs)) as evaluation.json and the three PNGs
+    into `output_dir`, each atomically; name -> path."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {name: os.path.join(output_dir, name) for name in FILES}
     write_json_atomic(paths["evaluation.json"], report)

@@ -70,6 +70,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({**record, "global_rows_seen": shard["global_rows_seen"],
                               "global_rows_duplicated": shard["global_rows_duplicated"]},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if board:
+        board.close()
 
 
 def _peak_rss_mb(rank: int, world_size: int) -> np.ndarray:
