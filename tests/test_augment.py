@@ -12,7 +12,7 @@ from trainer.model import augmentation, build_model, preprocess
 @pytest.fixture(scope="module")
 def digits():
     with np.load(SAMPLE) as npz:
-        return preprocess(npz["x_test"][:64], npz["y_test"][:64])
+        return tuple(map(np.asarray, preprocess(npz["x_test"][:64], npz["y_test"][:64])))
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])

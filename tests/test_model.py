@@ -39,10 +39,24 @@ def test_same_seed_gives_same_initial_weights():
 
 def test_preprocess_flattens_scales_and_one_hots():
     with np.load(SAMPLE) as npz:
-        x, y = preprocess(npz["x_test"][:5], npz["y_test"][:5])
-        labels = npz["y_test"][:5]
+        images, labels = npz["x_test"][:5], npz["y_test"][:5]
+    x, y = map(np.asarray, preprocess(images, labels))
     assert x.shape == (5, 784) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
-    assert y.shape == (5, 10) and np.array_equal(y.argmax(1), labels)
+    assert np.array_equal(x * 255, images.reshape(5, 784))  # exact: k/255 * 255 rounds back to k
+    assert y.shape == (5, 10) and np.array_equal(y.argmax(1), labels) and np.array_equal(y.sum(1), np.ones(5))
+
+
+def test_preprocess_is_the_same_inside_a_tf_data_pipeline():
+    """The workers map it over batched uint8 tensors; the driver calls it on numpy arrays."""
+    import tensorflow as tf
+
+    with np.load(SAMPLE) as npz:
+        images, labels = npz["x_test"][:64], npz["y_test"][:64]
+    batches = tf.data.Dataset.from_tensor_slices((images.reshape(2, 32, 28, 28), labels.reshape(2, 32)))
+    mapped = [tuple(map(np.asarray, pair)) for pair in batches.map(preprocess)]
+    x, y = map(np.asarray, preprocess(images, labels))
+    assert np.array_equal(np.concatenate([m[0] for m in mapped]), x)
+    assert np.array_equal(np.concatenate([m[1] for m in mapped]), y)
 
 
 def test_one_fit_step_lowers_the_loss_on_real_digits():

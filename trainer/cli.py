@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return fail(str(exc))
     from trainer.checkpoint import CheckpointError
+    from trainer.cluster import ClusterError
     from trainer.data import DataError
-    from trainer.driver import ClusterError, TrainingError, run
+    from trainer.driver import TrainingError, run
 
     try:
         run(cfg)

@@ -17,9 +17,20 @@ BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning 
 TENSORBOARD_SCHEMES = ("file", "gs")  # what tf.summary can write to in a stock TensorFlow
 
 
-def _opt(default, help, **extra):
-    """A dataclass field that carries its CLI help (and optional choices/flag name)."""
-    return field(default=default, metadata={"help": help, **extra})
+# What a setting shapes, marked once on its field (`shapes=`) and read by resume and retraining:
+WEIGHTS = "weights"  # the weights and optimizer state: a resumed run must keep it
+RESULT = "result"  # what a finished run learned (with WEIGHTS): a change is a reason to retrain
+# Unmarked settings say where and how a run executes (paths, cluster, logging): no reason to retrain.
+
+
+def _opt(default, help, shapes: str | None = None, **extra):
+    """A dataclass field that carries its CLI help, what it shapes, and optional choices."""
+    return field(default=default, metadata={"help": help, "shapes": shapes, **extra})
+
+
+def fields_shaping(*what: str) -> tuple[str, ...]:
+    """Names of the Config fields marked with any of `what` (WEIGHTS, RESULT), in field order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("shapes") in what)
 
 
 @dataclass(frozen=True)
@@ -37,26 +48,26 @@ class Config:
         "(default: <output>/ray_results)")
     run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume (default: a timestamp)")
     # The recipe (the classic Keras MNIST tutorial).
-    model: str = _opt("mlp", "mlp: Dense(512)+Dense(10) (tutorial); cnn: small convnet", choices=MODELS)
-    epochs: int = _opt(5, "training epochs")
+    model: str = _opt("mlp", "mlp: Dense(512)+Dense(10) (tutorial); cnn: small convnet", choices=MODELS, shapes=WEIGHTS)
+    epochs: int = _opt(5, "training epochs", shapes=RESULT)
     batch_size: int | None = _opt(
         None, f"global batch size, split evenly across workers (default: {BASE_BATCH_SIZE}, the "
-        "tutorial's, whatever the worker count; or --per-worker-batch-size x --num-workers)")
+        "tutorial's, whatever the worker count; or --per-worker-batch-size x --num-workers)", shapes=WEIGHTS)
     per_worker_batch_size: int | None = _opt(
-        None, "batch per worker instead of a fixed global batch: the global batch grows with the workers")
+        None, "batch per worker instead of a fixed global batch: the global batch grows with the workers", shapes=RESULT)
     learning_rate: float = _opt(
-        0.001, f"RMSprop learning rate; with --lr-scaling, the rate at global batch {BASE_BATCH_SIZE}")
+        0.001, f"RMSprop learning rate; with --lr-scaling, the rate at global batch {BASE_BATCH_SIZE}", shapes=WEIGHTS)
     lr_scaling: str = _opt(
         "none", f"scale the learning rate with global batch / {BASE_BATCH_SIZE}: none (the tutorial), "
-        "linear, or sqrt", choices=LR_SCALINGS)
+        "linear, or sqrt", choices=LR_SCALINGS, shapes=WEIGHTS)
     warmup_epochs: int = _opt(
         0, "ramp the learning rate linearly, every step, from --learning-rate to the scaled rate "
-        "over these first epochs (needs --lr-scaling)")
-    seed: int = _opt(0, "seed for weight init and shuffling")
+        "over these first epochs (needs --lr-scaling)", shapes=WEIGHTS)
+    seed: int = _opt(0, "seed for weight init and shuffling", shapes=WEIGHTS)
     # Cluster.
-    num_workers: int = _opt(2, "Ray Train workers (one model replica each)")
+    num_workers: int = _opt(2, "Ray Train workers (one model replica each)", shapes=RESULT)
     cpus_per_worker: int = _opt(1, "CPUs reserved per worker; also TensorFlow's thread count")
-    use_gpu: bool = _opt(False, "one GPU per worker")
+    use_gpu: bool = _opt(False, "one GPU per worker", shapes=RESULT)
     placement_strategy: str = _opt(
         "PACK", "PACK workers onto few nodes, or SPREAD them across nodes", choices=PLACEMENTS)
     address: str | None = _opt(
@@ -76,12 +87,14 @@ class Config:
     steps_per_call: int = _opt(20, "training steps per tf.function call (fewer Python round trips)")
     # What users look at.
     augment: bool = _opt(False, "random rotation (10 deg), translation and zoom (10%) while training; "
-                         "off at evaluation and in the saved model's predictions")
+                         "off at evaluation and in the saved model's predictions", shapes=WEIGHTS)
     tensorboard_dir: str | None = _opt(
         None, "write per-epoch scalars (loss, accuracy, learning rate, samples/s) here from rank 0 "
         "for `tensorboard --logdir`; a local path, or gs://")
     export_savedmodel: bool = _opt(False, "also write a TensorFlow SavedModel with a serving signature "
                                    "to <output>/mnist_savedmodel")
+    verbose: bool = _opt(False, "also print Ray's and TensorFlow's own log lines (per-report, checkpoint "
+                         "and C++ notices), which otherwise go only to Ray's log files")
 
     def __post_init__(self):
         if self.batch_size is None:  # resolved once, here: per-worker batch x workers, else the tutorial's

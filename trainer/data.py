@@ -273,8 +273,9 @@ def _progress(done: int, total: int, width: int = 20) -> None:
     sys.stderr.flush()
 
 
-def read_parquet_split(path: str, split: str, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read one split back as (images (n,28,28) uint8, labels (n,) uint8), ordered by index."""
+def read_parquet_tables(path: str, split: str, manifest: dict | None = None) -> list[pa.Table]:
+    """One split's shards as Arrow tables (index, image, label), one per file in file order, each
+    checked against the manifest's row count."""
     manifest = manifest or read_manifest(path)
     fs, root = filesystem(path)
     info = manifest["splits"].get(split)
@@ -289,7 +290,12 @@ def read_parquet_split(path: str, split: str, manifest: dict | None = None) -> t
         if table.num_rows != file["rows"]:
             raise DataError(f"{path}/{file['path']}: {table.num_rows} rows, manifest says {file['rows']}")
         tables.append(table)
-    table = pa.concat_tables(tables).sort_by("index")
+    return tables
+
+
+def read_parquet_split(path: str, split: str, manifest: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split back as (images (n,28,28) uint8, labels (n,) uint8), ordered by index."""
+    table = pa.concat_tables(read_parquet_tables(path, split, manifest)).sort_by("index")
     return images_from_column(table.column("image").to_numpy()), table.column("label").to_numpy().astype(np.uint8)
 
 

@@ -68,8 +68,18 @@ def augmentation() -> list[layers.Layer]:
     ]
 
 
-def preprocess(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n,28,28) images and 0..9 labels -> float32 (n,784) in [0,1] and one-hot (n,10)."""
-    x = images.reshape(len(images), 784).astype(np.float32) / 255.0
-    y = keras.utils.to_categorical(labels, NUM_CLASSES).astype(np.float32)
+def preprocess(images, labels):
+    """uint8 (n,28,28) images and 0..9 labels -> float32 (n,784) in [0,1] and one-hot (n,10).
+
+    Keras ops, so the same code serves numpy arrays (evaluation, plain Keras) and the tensors of the
+    workers' tf.data pipeline."""
+    x = keras.ops.reshape(keras.ops.cast(images, "float32") / 255.0, (-1, 784))
+    y = keras.ops.one_hot(keras.ops.cast(labels, "int32"), NUM_CLASSES)
     return x, y
+
+
+def evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(test loss, test accuracy, softmax outputs (n, 10)) on uint8 images and 0..9 labels."""
+    x, y = preprocess(images, labels)
+    loss, accuracy = model.evaluate(x, y, batch_size=1000, verbose=0)
+    return float(loss), float(accuracy), model.predict(x, batch_size=1000, verbose=0)

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(str(exc))
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.driver import ClusterError, TrainingError
+    from trainer.cluster import ClusterError
+    from trainer.driver import TrainingError
 
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd stop: unlock on the way out
     try:
@@ -186,7 +187,7 @@ def baseline_accuracy(store: Store, current: str | None, mnist: data.Mnist) -> f
         return None
     import keras
 
-    from trainer.driver import evaluate
+    from trainer.model import evaluate
 
     path = store.model_path(current)
     try:

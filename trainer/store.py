@@ -27,6 +27,7 @@ import sys
 import threading
 from datetime import datetime, timezone
 
+from trainer.config import RESULT, WEIGHTS, fields_shaping
 from trainer.outputs import write_json_atomic
 
 VERSIONS, STAGING, TRASH, DATA, RUNS = "versions", "staging", ".trash", "data", "ray_results"
@@ -37,12 +38,9 @@ VERSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 HEARTBEAT_S = 30.0  # how often the holder touches the lock, so other hosts can tell it is alive
 STALE_AFTER_S = 600.0  # a lock we cannot check by pid is stale after this long without a heartbeat
 ACCURACY_SLACK = 1e-9  # accuracies are float32 fractions; equal must compare equal after subtraction
-# Where and how a run executes, not what it learns: changing these is no reason to retrain.
-# ("data" is the source's path; its content hash is compared instead.)
-RUN_SPECIFIC = frozenset({
-    "data", "output", "storage_path", "run_name", "address", "local_cpus", "force", "max_failures",
-    "keep_checkpoints", "collective_timeout_s", "steps_per_call", "placement_strategy",
-    "cpus_per_worker"})
+# What a model learns from, besides the data's content: the fields marked so in Config. Where and
+# how a run executes (paths, the cluster, logging, the source's path) is no reason to retrain.
+LEARNED_FROM = fields_shaping(WEIGHTS, RESULT)
 
 
 class StoreError(RuntimeError):
@@ -84,7 +82,7 @@ def gate(accuracy: float, baseline: float | None, tolerance: float,
 def fingerprint(config: dict, data_sha256: str) -> dict:
     """What a model is a function of: the data's content and the recipe (not where it ran)."""
     return {"data_sha256": data_sha256,
-            "config": {k: v for k, v in sorted(config.items()) if k not in RUN_SPECIFIC}}
+            "config": {k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}}
 
 
 def status_of(record: dict, pointer: dict | None) -> str:

@@ -5,6 +5,9 @@ tensorflow#72388), so the step is ours: `strategy.run` of a tape step whose loss
 the *global* batch with `tf.nn.compute_average_loss`, applied with the compiled model's optimizer.
 Each worker feeds its own shard at the per-worker batch (global batch / workers); the optimizer
 all-reduces (sums) the gradients, so every replica takes the same step.
+
+TensorFlow is imported inside the loop, not at the top of this module: the worker starts pulling
+its Ray Data shard first, and the import (seconds) overlaps with it.
 """
 
 from __future__ import annotations
@@ -15,83 +18,72 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray.train
 
-from trainer import checkpoint
+from trainer import checkpoint, quiet
 from trainer.config import Config
 from trainer.data import images_from_column
-from trainer.tensorboard import EpochWriter
+from trainer.timeline import process_start_time
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    os.environ.pop("TF_USE_LEGACY_KERAS", None)  # Ray's TF backend sets it; this job is Keras 3
     cfg = Config.from_dict(loop_config["config"])
-    tf, strategy = _start_tensorflow(cfg)
-    from trainer.model import build_model
-
+    if not cfg.verbose:
+        quiet.quiet_ray_train_console()
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    images, labels, index = read_shard(ray.train.get_dataset_shard("train"))
-    shard = _shard_report(strategy, rank, index, loop_config["train_rows"])
-    steps = len(images) // cfg.per_worker_batch
-    with strategy.scope():
-        model = build_model(cfg, steps_per_epoch=steps)
-        model.optimizer.build(model.trainable_variables)
+    rank, marks = ctx.get_world_rank(), {"worker_started": process_start_time(), "loop_started": time.time()}
+    with ThreadPoolExecutor(1) as pool:  # Ray Data streams the shard while TensorFlow imports
+        reading = pool.submit(read_shard, ray.train.get_dataset_shard("train"))
+        tf, strategy = start_tensorflow(cfg)
+        marks["tensorflow_imported"] = time.time()
+        images, labels, index = reading.result()
+    marks["shard_in_memory"] = time.time()
+    model, steps = build(tf, strategy, cfg, len(images))
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
-    train_steps = make_train_steps(tf, strategy, model, cfg.batch_size)
-    board = EpochWriter(cfg.tensorboard_dir) if rank == 0 and cfg.tensorboard_dir else None  # rank 0 only
-
-    for epoch in range(epochs_done, cfg.epochs):
-        started, first_step_unix = time.perf_counter(), time.time()
-        batches = iter(_batches(tf, images, labels, cfg.per_worker_batch, seed=(cfg.seed, rank, epoch)))
-        totals = np.zeros(3)  # loss sum, correct, examples on this worker
-        for done in range(0, steps, cfg.steps_per_call):
-            totals += [t.numpy() for t in train_steps(batches, tf.constant(min(cfg.steps_per_call, steps - done)))]
-        memory = _peak_rss_mb(rank, ctx.get_world_size())  # this rank's slot; the sum lists every rank
-        loss_sum, correct, seen, *rss_mb = all_reduce_sum(tf, strategy, np.concatenate([totals, memory]))
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
-                  "seconds": seconds, "samples_per_second": seen / seconds,
-                  "restarted": bool(epoch == epochs_done and epoch > 0),
-                  "learning_rate": float(tf.convert_to_tensor(model.optimizer.learning_rate)),  # at the end
-                  "peak_rss_mb": max(rss_mb), "first_step_unix": first_step_unix}
-        history.append(record)
-        if rank == 0:  # sys.stdout, not print: Ray Train's print patch would log it twice
-            sys.stdout.write(_progress_line(record, cfg.epochs, history) + "\n")
-            sys.stdout.flush()
-            if board:
-                board.write(record, model.optimizer)
-        with tempfile.TemporaryDirectory() as tmp:  # every rank adds its own file; Ray merges them
-            checkpoint.write_worker_info(tmp, rank, shard)
+    train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
+    info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id()}
+    marks["collectives_ready"] = time.time()
+    board = _tensorboard(cfg) if rank == 0 else None
+    try:
+        for epoch in range(epochs_done, cfg.epochs):
+            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, seed=(cfg.seed, rank, epoch))
+            record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0,
+                          learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)))
+            history.append(record)
+            marks.setdefault("first_step", record["first_step_unix"])
             if rank == 0:
-                checkpoint.save(tmp, model, epoch + 1, cfg.to_dict(), history)
-            ray.train.report({**record, "global_rows_seen": shard["global_rows_seen"],
-                              "global_rows_duplicated": shard["global_rows_duplicated"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    if board:
-        board.close()
+                _announce(record, cfg.epochs, history, board, model)
+            marks["last_step"] = time.time()
+            _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
+    finally:
+        if board:
+            board.close()
 
 
-def _peak_rss_mb(rank: int, world_size: int) -> np.ndarray:
-    """This process's peak resident memory (MB) at index `rank` of a zero vector."""
-    memory = np.zeros(world_size)
-    memory[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return memory
-
-
-def _start_tensorflow(cfg: Config):
-    """Thread counts and the strategy must be set before TensorFlow runs anything."""
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("WARNING")
+def start_tensorflow(cfg: Config):
+    """Import TensorFlow and make the strategy: thread counts first, before TensorFlow runs anything."""
+    tf = quiet.import_tensorflow(cfg.verbose)
     tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.cpus_per_worker)
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING,
         timeout_seconds=cfg.collective_timeout_s)  # a dead peer fails the step; Ray restarts the group
     return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def build(tf, strategy, cfg: Config, rows: int):
+    """The compiled model with its optimizer's slots made, under the strategy; and steps per epoch."""
+    from trainer.model import build_model
+
+    steps = rows // cfg.per_worker_batch
+    with strategy.scope():
+        model = build_model(cfg, steps_per_epoch=steps)
+        model.optimizer.build(model.trainable_variables)
+    return model, steps
 
 
 def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,19 +97,31 @@ def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, index
 
 
-def _batches(tf, images, labels, batch_size: int, seed: tuple):
+def run_epoch(tf, cfg: Config, train_steps, all_reduce_sum, images, labels, seed: tuple) -> dict:
+    """One pass over this worker's shard; loss and accuracy summed over every worker."""
+    started, first_step = time.perf_counter(), time.time()
+    batches = iter(batches_of(tf, images, labels, cfg.per_worker_batch, seed))
+    steps, totals = len(images) // cfg.per_worker_batch, np.zeros(3)  # loss sum, correct, examples
+    for done in range(0, steps, cfg.steps_per_call):
+        totals += [t.numpy() for t in train_steps(batches, tf.constant(min(cfg.steps_per_call, steps - done)))]
+    loss_sum, correct, seen = all_reduce_sum(totals)
+    seconds = time.perf_counter() - started
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "seconds": seconds,
+            "samples_per_second": seen / seconds, "first_step_unix": first_step}
+
+
+def batches_of(tf, images, labels, batch_size: int, seed: tuple):
     """One epoch of shuffled (pixels in [0,1], one-hot labels) batches; the last partial batch is
     dropped so every worker runs the same number of steps. Shuffled and cut into batches in numpy,
     so tf.data handles one element per batch, not one per image (its per-element cost halved the
     pipeline's time)."""
-    def to_model_input(x, y):
-        return tf.reshape(tf.cast(x, tf.float32) / 255.0, (-1, 784)), tf.one_hot(tf.cast(y, tf.int32), 10)
+    from trainer.model import preprocess
 
     steps = len(images) // batch_size
     order = np.random.default_rng(seed).permutation(len(images))[:steps * batch_size]
     return (tf.data.Dataset.from_tensor_slices((images[order].reshape(steps, batch_size, *images.shape[1:]),
                                                 labels[order].reshape(steps, batch_size)))
-            .map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
+            .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
 
 
@@ -148,25 +152,21 @@ def make_train_steps(tf, strategy, model, global_batch_size: int):
     return train_steps
 
 
-def all_reduce_sum(tf, strategy, values) -> np.ndarray:
-    """Sum a float vector over all workers (a collective every worker must join)."""
-    @tf.function
+def make_all_reduce_sum(tf, strategy):
+    """A function summing a float vector over all workers (a collective every worker must join).
+    Traced once per vector length, so calling it every epoch re-traces nothing."""
+    @tf.function(reduce_retracing=True)
     def reduce(local):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(local,)), axis=None)
 
-    return reduce(tf.constant(np.asarray(values, dtype=np.float32))).numpy().astype(np.float64)
+    return lambda values: reduce(tf.constant(np.asarray(values, dtype=np.float32))).numpy().astype(np.float64)
 
 
-def _shard_report(strategy, rank: int, index: np.ndarray, train_rows: int) -> dict:
+def shard_info(all_reduce_sum, index: np.ndarray, train_rows: int) -> dict:
     """What this worker trains on, plus a global check that shards are disjoint and cover the data."""
-    import tensorflow as tf
-
-    counts = all_reduce_sum(tf, strategy, np.bincount(index, minlength=train_rows)[:train_rows])
-    return {
-        "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-        "rows": int(len(index)), "index_sha256": hashlib.sha256(np.sort(index).tobytes()).hexdigest(),
-        "global_rows_seen": int((counts > 0).sum()), "global_rows_duplicated": int((counts > 1).sum()),
-    }
+    counts = all_reduce_sum(np.bincount(index, minlength=train_rows)[:train_rows])
+    return {"rows": int(len(index)), "index_sha256": hashlib.sha256(np.sort(index).tobytes()).hexdigest(),
+            "global_rows_seen": int((counts > 0).sum()), "global_rows_duplicated": int((counts > 1).sum())}
 
 
 def _restore(model) -> tuple[int, list[dict]]:
@@ -179,7 +179,36 @@ def _restore(model) -> tuple[int, list[dict]]:
     return meta["epochs_done"], meta["history"]
 
 
-def _progress_line(record: dict, epochs: int, history: list[dict]) -> str:
+def _report(model, cfg: Config, epoch: int, history: list[dict], info: dict, rank: int) -> None:
+    """Every rank adds its own worker file to the epoch's checkpoint (Ray merges them); rank 0 the state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write_worker_info(tmp, rank, info)
+        if rank == 0:
+            checkpoint.save(tmp, model, epoch + 1, cfg.to_dict(), history)
+        ray.train.report({**history[-1], "global_rows_seen": info["global_rows_seen"],
+                          "global_rows_duplicated": info["global_rows_duplicated"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _tensorboard(cfg: Config):
+    from trainer.tensorboard import EpochWriter
+
+    return EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir else None
+
+
+def _announce(record: dict, epochs: int, history: list[dict], board, model) -> None:
+    """Rank 0's epoch line (sys.stdout, not print: Ray Train's print patch would log it twice)."""
+    sys.stdout.write(progress_line(record, epochs, history) + "\n")
+    sys.stdout.flush()
+    if board:
+        board.write(record, model.optimizer)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_line(record: dict, epochs: int, history: list[dict]) -> str:
     per_epoch = float(np.median([h["seconds"] for h in history]))
     left = per_epoch * (epochs - record["epoch"])
     return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  "

@@ -1,0 +1,72 @@
+"""Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, and the
+trainer that runs it.
+
+Ray's own `TensorflowConfig` does the same (TF_CONFIG on every worker) but lives in a package whose
+`__init__` imports TensorFlow, so the driver and Ray Train's controller would each pay that import
+(seconds) before any worker starts; it also sets TF_USE_LEGACY_KERAS=1, and this job is Keras 3.
+This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+from ray.train.backend import Backend, BackendConfig
+
+
+@dataclass
+class KerasConfig(BackendConfig):
+    """TF_CONFIG for MultiWorkerMirroredStrategy, plus the workers' TensorFlow log level."""
+
+    tf_log_level: str = "3"  # TF_CPP_MIN_LOG_LEVEL: 3 keeps C++ notices (cuInit, ...) off the console
+
+    @property
+    def backend_cls(self):
+        return _KerasBackend
+
+
+def _address() -> str:
+    """This worker's node IP and a free port, for TensorFlow's collective server."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    ip = ray.util.get_node_ip_address()
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _set_environment(addresses: list[str], rank: int, tf_log_level: str) -> None:
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
+                                          "task": {"type": "worker", "index": rank}})
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level  # read when TensorFlow is first imported
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+
+
+class _KerasBackend(Backend):
+    def on_start(self, worker_group, backend_config: KerasConfig):
+        addresses = worker_group.execute(_address)
+        ray.get([worker_group.execute_single_async(rank, _set_environment, addresses, rank,
+                                                   backend_config.tf_log_level)
+                 for rank in range(len(worker_group))])
+
+
+def trainer_class(local: bool):
+    """Ray Train's DataParallelTrainer; for a Ray this process started, one without the placement
+    group cleaner: that detached actor polls the dashboard's state API every second so that a
+    controller that dies on a shared cluster leaves no reserved CPUs behind. A local Ray ends with
+    this process, placement groups and all, and runs without a dashboard (seconds of start-up)."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    if not local:
+        return DataParallelTrainer
+
+    class LocalTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return LocalTrainer

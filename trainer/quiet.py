@@ -1,0 +1,63 @@
+"""Keep library chatter off the console and in log files; --verbose turns all of this off.
+
+TensorFlow 2.21 writes C++ notices (oneDNN, "could not find cuda drivers", absl's "All log
+messages before absl::InitializeLog()") straight to file descriptor 2 while it is imported, whatever
+TF_CPP_MIN_LOG_LEVEL says (tensorflow#100442). So the import runs with fd 2 pointed at a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import sys
+import tempfile
+
+
+@contextlib.contextmanager
+def stderr_to(path: str):
+    """Point this process's file descriptor 2 at `path` (appending) while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def log_dir() -> str:
+    """Where this process's chatter goes: beside its own stderr file when that is a file (a Ray
+    worker's logs/worker-*.err), else the temp directory."""
+    try:
+        target = os.readlink("/proc/self/fd/2")
+        if stat.S_ISREG(os.stat(target).st_mode):
+            return os.path.dirname(target)
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def import_tensorflow(verbose: bool = False):
+    """`import tensorflow`, with its import-time C++ notices sent to tensorflow-<pid>.log."""
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return tf
+    with stderr_to(os.path.join(log_dir(), f"tensorflow-{os.getpid()}.log")):
+        import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Keras' "HDF5 is legacy" notice, among others
+    return tf
+
+
+def quiet_ray_train_console() -> None:
+    """Ray Train's per-report INFO lines off a worker's console (they stay in its log files).
+    RunConfig(logging_config=LoggingConfig("WARNING")) reaches the controller but, in Ray 2.60,
+    not the workers' console handler."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.WARNING)

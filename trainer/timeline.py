@@ -1,0 +1,50 @@
+"""Where a run's time goes: named points in Unix time, kept as seconds since the driver started.
+
+The driver marks its own points; each worker marks its own in its checkpoint file, and the driver
+keeps the slowest worker's (the one everybody waits for). metrics.json["timeline"] holds the result
+and `scripts/benchmark.py` prints it, so a start-up regression shows up as one point moving.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+DRIVER_POINTS = ("process_start", "ray_up", "driver_imports_done", "training_launched")
+WORKER_POINTS = ("worker_started", "loop_started", "tensorflow_imported", "shard_in_memory",
+                 "collectives_ready", "first_step", "last_step")
+END_POINTS = ("training_done", "ray_down", "evaluation_done", "outputs_written")
+POINTS = DRIVER_POINTS + WORKER_POINTS + END_POINTS
+
+
+def process_start_time(pid: int | str = "self") -> float:
+    """Unix time at which a process started (Linux /proc, 10 ms resolution); now where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def merge(driver: dict[str, float], workers: list[dict]) -> dict[str, float]:
+    """Driver points plus, per worker point, the latest worker's (the earliest for worker_started),
+    as seconds since process_start, in POINTS order."""
+    points = dict(driver)
+    for name in WORKER_POINTS:
+        values = [w[name] for w in workers if name in w]
+        if values:
+            points[name] = min(values) if name == "worker_started" else max(values)
+    origin = points["process_start"]
+    return {name: round(points[name] - origin, 3) for name in POINTS if name in points}
+
+
+def format_timeline(timeline: dict[str, float]) -> str:
+    """`process_start 0.0s | ray_up 3.1s (+3.1) | ...` on one line."""
+    parts, previous = [], 0.0
+    for name, at in timeline.items():
+        parts.append(f"{name} {at:.1f}s" + (f" (+{at - previous:.1f})" if parts else ""))
+        previous = at
+    return " | ".join(parts)
