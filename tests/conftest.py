@@ -1,9 +1,17 @@
-"""Shared test helpers: the committed MNIST sample, and running the real job in a subprocess."""
+"""Shared test helpers: the committed MNIST sample, running the real job in a subprocess, and the
+runs that several test files read (session fixtures, each trained once).
+
+Tiers (markers set here, by what a test starts):
+  unit   no Ray, no job process: `bash scripts/test.sh -m "not ray and not slow"` (about 2 minutes)
+  ray    real Ray (a local one, `ray start`, a simulated cluster) on the committed sample
+  slow   full MNIST (needs MNIST_DATA; CI sets it from ../shared/data/mnist)
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +21,53 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "mnist_sample.npz"  # 3,000 train + 1,000 test real MNIST digits
 JOB = ROOT / "jobs" / "train_mnist.py"
+RAY_FILES = {"test_job.py", "test_faults.py", "test_multinode.py", "test_storage.py", "test_retrain.py",
+             "test_benchmark.py", "test_full_mnist.py"}  # every test in them starts Ray
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts Ray is marked `ray`: by file, or by using a fixture that runs the job."""
+    for item in items:
+        if Path(item.fspath).name in RAY_FILES or {"extras_run", "cluster"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
+
+
+def job_env(**extra: str) -> dict:
+    """The environment for a job or script subprocess: unbuffered, and never a cluster the
+    developer's shell happens to point at (RAY_ADDRESS) unless a test sets one."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_job(*args: str, timeout: float = 420, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run jobs/train_mnist.py as a user would; never a local Ray left behind (it is in-process)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None) if "RAY_ADDRESS" not in (env or {}) else None
-    return subprocess.run([sys.executable, str(JOB), *args], cwd=ROOT, env=full_env,
+    """Run jobs/train_mnist.py as a user would; its local Ray lives and dies with the process."""
+    return subprocess.run([sys.executable, str(JOB), *args], cwd=ROOT, env=job_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_job(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(JOB), *args], cwd=ROOT, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def free_port() -> int:
+    """A free port on loopback in the ephemeral range, so never inside Ray's worker ports (10002-19999)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(output: Path) -> dict:
     return json.loads((output / "metrics.json").read_text())
+
+
+def gpu_count() -> int:
+    """GPUs this machine has, as nvidia-smi lists them (0 without a driver)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +77,20 @@ def full_mnist() -> str:
     if not path or not os.path.exists(path):
         pytest.skip("full MNIST not available: set MNIST_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def extras_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(output dir, TensorBoard dir, console) of one 2-worker run with every optional output on:
+    the convnet with --augment, --tensorboard-dir and --export-savedmodel. Read by the TensorBoard,
+    export and augmentation tests."""
+    root = tmp_path_factory.mktemp("extras")
+    output, board = root / "out", root / "tb"
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "2", "--epochs", "2", "--model", "cnn",
+                   "--augment", "--tensorboard-dir", str(board), "--export-savedmodel",
+                   "--output", str(output), "--storage-path", str(root / "runs"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return output, board, proc.stdout + proc.stderr
 
 
 def simulated_cluster(head_cpus: int, node_cpus: list[int]):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE, read_metrics
-from tests.test_tensorboard import extras_job
 from trainer.config import Config
 from trainer.model import augmentation, build_model, preprocess
 
@@ -51,10 +50,10 @@ def test_augmented_digits_stay_digits(digits):
     assert np.abs(moved_centre - centre).max() < 4  # shift <= 2.8 px, plus rotation/zoom about the middle
 
 
-def test_the_job_trains_with_augmentation_and_saves_a_deterministic_model(tmp_path_factory, digits):
+def test_the_job_trains_with_augmentation_and_saves_a_deterministic_model(extras_run, digits):
     import keras
 
-    output, _, log = extras_job(tmp_path_factory)
+    output, _, log = extras_run
     metrics = read_metrics(output)
     assert metrics["config"]["augment"] is True and metrics["config"]["model"] == "cnn"
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE, read_metrics
-from tests.test_tensorboard import extras_job
 from trainer.config import Config
 from trainer.export import DIRECTORY, export_savedmodel
 from trainer.model import build_model, preprocess
@@ -63,10 +62,10 @@ def test_a_failed_export_keeps_the_previous_one(tmp_path, test_pixels):
     np.testing.assert_allclose(serve(path, x), old.predict(x, verbose=0), atol=1e-5)
 
 
-def test_the_job_exports_a_savedmodel_that_matches_its_keras_model(tmp_path_factory, test_pixels):
+def test_the_job_exports_a_savedmodel_that_matches_its_keras_model(extras_run, test_pixels):
     import keras
 
-    output, _, _ = extras_job(tmp_path_factory)
+    output, _, _ = extras_run
     assert read_metrics(output)["savedmodel"] == str(output / DIRECTORY)
     x, labels = test_pixels
     keras_probs = keras.saving.load_model(output / "mnist.keras", safe_mode=True).predict(x, verbose=0)

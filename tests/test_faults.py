@@ -8,22 +8,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import JOB, ROOT, SAMPLE, read_metrics, simulated_cluster
+from tests.conftest import SAMPLE, read_metrics, run_job, simulated_cluster
+from tests.conftest import start_job as start_any_job
 
 RECIPE = ["--data", str(SAMPLE), "--epochs", "5", "--batch-size", "32", "--seed", "0"]
 
 
-def start_job(*args, **popen):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, str(JOB), *RECIPE, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+def start_job(*args):
+    return start_any_job(*RECIPE, *args)
 
 
 def finish(proc, timeout=420):
@@ -112,7 +108,9 @@ def interrupted(tmp_path_factory):
 def test_driver_sigterm_stops_workers_and_keeps_a_checkpoint(interrupted):
     assert interrupted["code"] == 130, interrupted["err"][-3000:]
     assert "interrupted; the latest checkpoint is kept" in interrupted["err"]
-    time.sleep(2)
+    deadline = time.monotonic() + 30  # Ray stops its workers as the job exits; give it a bounded while
+    while [pid for pid in interrupted["worker_pids"] if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not [pid for pid in interrupted["worker_pids"] if alive(pid)]
     assert not (interrupted["base"] / "out" / "mnist.keras").exists()
 
@@ -129,11 +127,8 @@ def test_truncated_checkpoint_gives_a_clear_error_and_overwrites_nothing(interru
     out = tmp_path / "out"
     out.mkdir()
     (out / "mnist.keras").write_bytes(b"the previous model")
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(JOB), *RECIPE, "--run-name", "term", "--storage-path",
-                           str(runs), "--output", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_job(*RECIPE, "--run-name", "term", "--storage-path", str(runs), "--output", str(out),
+                   timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and latest in last and "unreadable" in last
@@ -143,10 +138,7 @@ def test_truncated_checkpoint_gives_a_clear_error_and_overwrites_nothing(interru
 
 
 def test_rerun_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, undisturbed):
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    rerun = subprocess.run([sys.executable, str(JOB), *RECIPE, *interrupted["args"]], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=420)
+    rerun = run_job(*RECIPE, *interrupted["args"])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
     metrics = read_metrics(interrupted["base"] / "out")
@@ -155,8 +147,7 @@ def test_rerun_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, 
 
     keras_file = interrupted["base"] / "out" / "mnist.keras"
     before = keras_file.stat().st_mtime_ns
-    again = subprocess.run([sys.executable, str(JOB), *RECIPE, *interrupted["args"]], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    again = run_job(*RECIPE, *interrupted["args"], timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout and "--force" in again.stdout
     assert keras_file.stat().st_mtime_ns == before
 

@@ -7,14 +7,11 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, read_metrics, run_job
+from tests.conftest import ROOT, SAMPLE, gpu_count, read_metrics, run_job
 
 SAMPLE_TRAIN_ROWS = 3000
-
-
-EPOCHS = 10  # about 1 s each on the sample; enough to converge so worker counts can be compared
+EPOCHS = 5  # under a second each on the sample: about 0.91 test accuracy
 WORKER_COUNTS = (1, 2, 4)
-ACCURACY = {}  # workers -> test accuracy, filled as the runs finish
 
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=[f"{n}-workers" for n in WORKER_COUNTS])
@@ -23,7 +20,6 @@ def finished(request, tmp_path_factory):
     proc = run_job("--data", str(SAMPLE), "--num-workers", str(request.param), "--epochs", str(EPOCHS),
                    "--local-cpus", str(max(WORKER_COUNTS) + 1), "--output", str(output))  # +1: Ray Data
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ACCURACY[request.param] = read_metrics(output)["test_accuracy"]
     return request.param, output, proc
 
 
@@ -34,18 +30,34 @@ def test_job_trains_and_reports_every_epoch(finished):
     assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1)) and metrics["num_workers"] == workers
     assert epochs[-1]["loss"] < epochs[0]["loss"]  # the loss falls
     assert all(e["seconds"] > 0 and e["samples_per_second"] > 0 for e in epochs)
-    assert metrics["test_accuracy"] > 0.85  # 10 epochs on 3,000 digits reach about 0.92
+    assert metrics["test_accuracy"] > 0.85  # 5 epochs on 3,000 digits reach about 0.91; chance is 0.1
     assert f"test accuracy: {metrics['test_accuracy']:.4f}" in proc.stdout
-    assert f"epoch {EPOCHS}/{EPOCHS}" in proc.stdout + proc.stderr  # rank 0's progress reached the driver
 
 
-def test_worker_count_does_not_change_the_accuracy(finished):
-    """Same global batch, same recipe. On 1,000 test images the shuffle order alone moves accuracy
-    by about half a point (measured 0.924 / 0.923 / 0.918 at 1 / 2 / 4 workers), so the sample is
-    held to 1 point; full MNIST is held to 0.3 in tests/test_full_mnist.py."""
-    if len(ACCURACY) < len(WORKER_COUNTS):
-        pytest.skip("compared once every worker count has run")
-    assert max(ACCURACY.values()) - min(ACCURACY.values()) <= 0.01, ACCURACY
+def test_the_console_shows_one_line_per_epoch_and_no_library_chatter(finished):
+    """What a user reads: the data, the run, one line per epoch (from rank 0 only, unprefixed), the
+    evaluation table and where the model went. Ray's per-report lines and TensorFlow's C++ notices
+    stay in Ray's log files."""
+    workers, _, proc = finished
+    lines = (proc.stdout + proc.stderr).splitlines()
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == [f"{e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert len(lines) <= 30, "\n".join(lines)
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "absl::InitializeLog",
+                    "cuda", "WARNING", "Traceback", "(RayTrainWorker", "PreemptionWatcher"):
+        assert not [line for line in lines if chatter in line], chatter
+
+
+def test_metrics_keep_a_timeline_of_where_the_time_went(finished):
+    _, output, _ = finished
+    timeline = read_metrics(output)["timeline"]
+    order = ["process_start", "ray_up", "training_launched", "worker_started", "tensorflow_imported",
+             "shard_in_memory", "collectives_ready", "first_step", "last_step", "training_done",
+             "evaluation_done", "outputs_written"]
+    assert [name for name in timeline if name in order] == order
+    seconds = [timeline[name] for name in order]
+    assert seconds[0] == 0 and seconds == sorted(seconds)
+    assert read_metrics(output)["wall_seconds"] == timeline["outputs_written"]
 
 
 def test_workers_trained_on_disjoint_equal_shards_covering_the_sample(finished):
@@ -95,16 +107,19 @@ def test_no_temporary_files_are_left_in_the_output(finished):
 
 def test_a_worker_count_the_cluster_cannot_fit_fails_fast(tmp_path):
     started = time.monotonic()
-    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--output", str(tmp_path), timeout=120)
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--local-cpus", "3", "--output",
+                   str(tmp_path), timeout=120)  # --local-cpus: 8 would fit on a 16-core machine
     assert proc.returncode == 1
-    assert "asked for 8 workers x 1 CPU" in proc.stderr and "the cluster has" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: asked for 8 workers x 1 CPU (+1 CPU for Ray Data); the cluster has 3 CPUs and 0 GPUs. "
+        "Use fewer --num-workers or --cpus-per-worker, or a bigger cluster")
     assert time.monotonic() - started < 60
     assert not (tmp_path / "mnist.keras").exists()
 
 
 def test_waiting_for_an_autoscaler_is_announced_and_bounded(tmp_path):
     started = time.monotonic()
-    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--resource-wait-s", "6",
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "8", "--local-cpus", "3", "--resource-wait-s", "6",
                    "--output", str(tmp_path), timeout=120)
     assert proc.returncode == 1
     assert "waiting up to 6s for the autoscaler: asked for 8 workers" in proc.stdout
@@ -120,9 +135,18 @@ def test_an_unreachable_cluster_address_fails_fast_before_data_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_use_gpu_without_gpus_fails_before_training(tmp_path):
-    proc = run_job("--data", str(SAMPLE), "--use-gpu", "--output", str(tmp_path), timeout=120)
-    assert proc.returncode == 1 and "the cluster has no GPUs" in proc.stderr
+def test_use_gpu_trains_on_a_gpu_or_fails_before_training_without_one(tmp_path):
+    """On a machine with a GPU (the device machine) one worker trains on it; on one without, the job
+    says so in one line before any training."""
+    proc = run_job("--data", str(SAMPLE), "--use-gpu", "--num-workers", "1", "--epochs", "1",
+                   "--output", str(tmp_path), timeout=300)
+    if gpu_count():
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert read_metrics(tmp_path)["config"]["use_gpu"] is True
+    else:
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: --use-gpu asked for 1 workers x 1 CPU + 1 GPU")
+        assert not (tmp_path / "mnist.keras").exists()
 
 
 def test_bad_data_fails_before_ray_starts(tmp_path):

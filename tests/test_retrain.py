@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, job_env
 from trainer import report
 from trainer.data import content_hash, load_npz
 
@@ -25,10 +25,8 @@ pytestmark = pytest.mark.timeout(1800)  # the module fixture trains three times
 
 
 def start(store, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster the developer happens to point at
     return subprocess.Popen([sys.executable, str(RETRAIN), "--store", str(store), *GATE, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 

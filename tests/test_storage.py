@@ -4,7 +4,6 @@ The job reads its Parquet shards from s3://, writes Ray Train's checkpoints and 
 there, and the test reads them back through the same API (boto3). About two minutes.
 """
 
-import io
 import json
 import os
 import socket
@@ -12,18 +11,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, run_job
+from tests.conftest import free_port, ROOT, SAMPLE, run_job
 
 BUCKET = "mnist"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

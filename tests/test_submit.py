@@ -21,19 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import free_port, ROOT
 
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, beside the interpreter running pytest
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
 START, STOP = ROOT / "scripts" / "start_cluster.sh", ROOT / "scripts" / "stop_cluster.sh"
 MODEL_FILES = ("mnist.keras", "mnist.h5", "metrics.json")
-
-
-def free_port() -> int:
-    """A free port in the ephemeral range, so never inside Ray's worker ports (10002-19999)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_pids(temp_dir: str) -> list[int]:

@@ -1,35 +1,19 @@
 """TensorBoard scalars: the writer on its own, and the real job's event files read back.
 
-`extras_job` (one real 2-worker run on the sample with --model cnn --augment --tensorboard-dir
---export-savedmodel) is shared with test_export.py and test_augment.py: one run, not three.
+The job's run is conftest's `extras_run` (one real 2-worker run on the sample with --model cnn
+--augment --tensorboard-dir --export-savedmodel), shared with test_export.py and test_augment.py.
 """
 
 import glob
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLE, read_metrics, run_job
+from tests.conftest import read_metrics
 from trainer.cli import main
 from trainer.config import Config
 from trainer.tensorboard import TAGS, EpochWriter
-
-_JOBS: dict = {}
-
-
-def extras_job(tmp_path_factory) -> tuple[Path, Path, str]:
-    """(output dir, tensorboard dir, job stdout+stderr) of the one shared run, started on first use."""
-    if "run" not in _JOBS:
-        root = tmp_path_factory.mktemp("extras")
-        output, board = root / "out", root / "tb"
-        proc = run_job("--data", str(SAMPLE), "--num-workers", "2", "--epochs", "2", "--model", "cnn",
-                       "--augment", "--tensorboard-dir", str(board), "--export-savedmodel",
-                       "--output", str(output), "--storage-path", str(root / "runs"))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        _JOBS["run"] = (output, board, proc.stdout + proc.stderr)
-    return _JOBS["run"]
 
 
 def read_scalars(directory) -> dict[str, dict[int, float]]:
@@ -95,8 +79,8 @@ def test_writer_reports_a_path_it_cannot_create(tmp_path):
         EpochWriter(str(blocker / "logs"))
 
 
-def test_the_job_logs_every_epoch_from_rank_0_only(tmp_path_factory):
-    output, board, _ = extras_job(tmp_path_factory)
+def test_the_job_logs_every_epoch_from_rank_0_only(extras_run):
+    output, board, _ = extras_run
     epochs = read_metrics(output)["epochs"]
     scalars = read_scalars(board)
     assert len(glob.glob(str(board / "**" / "events.out.tfevents.*"), recursive=True)) == 1  # rank 0 only
