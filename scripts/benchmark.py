@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -49,7 +50,11 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
     "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),
     "d1024": ("job, 2 workers, batch 1024", 2, ("--num-workers", "2", "--batch-size", "1024", *SCALED)),
     "s": ("job submitted to a running cluster, 2 workers", 2, ("--num-workers", "2")),
+    # For scripts/gpu_benchmark.sh: worker counts (give --job-args '--cpus-per-worker N'), one GPU worker.
+    **{f"w{n}": (f"job, {n} worker{'s' * (n > 1)}", n, ("--num-workers", str(n))) for n in (1, 2, 4)},
+    "g1": ("job, 1 worker on a GPU", 1, ("--num-workers", "1", "--use-gpu")),
 }
+DEFAULT_RUNS = ("a", "b", "c", "d512", "d1024", "s")
 SUBMITTED = "s"
 SMOKE_RUNS = ("a", "c")
 TARGETS = (  # (run, what, the most it may cost as a ratio to plain Keras's seconds per epoch)
@@ -81,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="MNIST (IDX dir, .npz or Parquet); default $MNIST_DATA, "
                         "else ../shared/data/mnist")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of every run")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"which runs, of {', '.join(RUNS)}")
+    parser.add_argument("--runs", help=f"which runs, of {', '.join(RUNS)} (default: {','.join(DEFAULT_RUNS)}; "
+                        f"with --smoke: {','.join(SMOKE_RUNS)})")
     parser.add_argument("--job-args", default="", help="extra flags for every job run, to try a lever "
                         "(e.g. '--steps-per-call 50')")
+    parser.add_argument("--plain-args", default="", help="extra flags for plain Keras (run a), e.g. "
+                        "'--threads 4' or '--device gpu'")
     parser.add_argument("--output", default="bench", help="benchmark.json, benchmark.png, run logs")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
-    parser.add_argument("--smoke", action="store_true", help=f"the committed sample, 1 epoch, runs "
-                        f"{' and '.join(SMOKE_RUNS)}: checks the benchmark works, measures nothing")
+    parser.add_argument("--smoke", action="store_true", help="the committed sample, 1 epoch: checks the "
+                        "benchmark works, measures nothing")
     args = parser.parse_args(argv)
     try:
         results = run_benchmark(args)
@@ -101,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_benchmark(args) -> dict:
     data = SAMPLE if args.smoke else (args.data or os.environ.get("MNIST_DATA") or DEFAULT_DATA)
-    keys = list(SMOKE_RUNS) if args.smoke else [k.strip() for k in args.runs.split(",") if k.strip()]
+    runs = args.runs or ",".join(SMOKE_RUNS if args.smoke else DEFAULT_RUNS)
+    keys = [k.strip() for k in runs.split(",") if k.strip()]
     epochs = 1 if args.smoke else args.epochs
     unknown = [k for k in keys if k not in RUNS]
     if unknown or "a" not in keys:
         raise BenchmarkError(f"--runs must include a (the baseline) and name only {', '.join(RUNS)}; "
-                             f"got {args.runs!r}")
+                             f"got {runs!r}")
     if epochs < 1:
         raise BenchmarkError(f"--epochs must be at least 1, got {epochs}")
     output = os.path.abspath(args.output)
@@ -119,8 +128,8 @@ def run_benchmark(args) -> dict:
     for key in sorted(keys, key=list(RUNS).index):
         print(f"run {key}: {RUNS[key][0]} ...", flush=True)
         run_one = _run_submitted if key == SUBMITTED else _run_one
-        run = run_one(key, data, epochs, train_rows, shlex.split(args.job_args), output, storage,
-                      args.timeout)
+        extra = shlex.split(args.plain_args if RUNS[key][2] is None else args.job_args)
+        run = run_one(key, data, epochs, train_rows, extra, output, storage, args.timeout)
         results["runs"].append(run)
         print(f"  {run['seconds_per_epoch']:.2f} s/epoch, test accuracy {run['test_accuracy']:.4f}, "
               f"wall {run['wall_s']:.1f} s", flush=True)
@@ -147,17 +156,17 @@ def _prepare_data(data: str, storage: str) -> tuple[float, int]:
     return time.perf_counter() - started, manifest["splits"]["train"]["rows"]
 
 
-def _run_one(key: str, data: str, epochs: int, train_rows: int, job_args: list[str], output: str,
+def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str], output: str,
              storage: str, timeout: float) -> dict:
     label, workers, flags = RUNS[key]
     out_dir = os.path.join(output, "runs", key)
     if flags is None:
         command = [sys.executable, os.path.join(ROOT, "scripts", "plain_keras.py"), "--data", data,
-                   "--epochs", str(epochs)]
+                   "--epochs", str(epochs), *extra]
     else:
         command = [sys.executable, os.path.join(ROOT, "jobs", "train_mnist.py"), "--data", data,
                    "--epochs", str(epochs), "--output", out_dir, "--storage-path", storage,
-                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *job_args]
+                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *extra]
     log = os.path.join(output, "logs", f"{key}.log")
     started, code, max_rss_kb, sampler = _timed_subprocess(command, log, timeout)
     ended = time.time()
@@ -201,7 +210,7 @@ def _job_figures(metrics_path: str, started: float) -> dict:
                 test_accuracy=metrics["test_accuracy"], timeline=metrics["timeline"])
 
 
-def _run_submitted(key: str, data: str, epochs: int, train_rows: int, job_args: list[str], output: str,
+def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: list[str], output: str,
                    storage: str, timeout: float) -> dict:
     """The default job through `ray job submit`, to a one-node cluster started (untimed) for it."""
     import tempfile
@@ -224,12 +233,13 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, job_args: 
                    "--runtime-env", "jobs/runtime_env.yaml", "--submission-id", f"bench-{uuid.uuid4().hex[:8]}",
                    "--", "python", "jobs/train_mnist.py", "--data", os.path.abspath(data), "--epochs", str(epochs),
                    "--output", out_dir, "--storage-path", storage,
-                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *job_args]
+                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *extra]
         started, code, _, _ = _timed_subprocess(command, log, timeout, env={**env, "RAY_AUTH_MODE": "token"})
         ended = time.time()
     finally:
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "stop_cluster.sh"), "--temp-dir", temp_dir],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     if code != 0:
         raise BenchmarkError(f"run {key} ({label}) exited with {code}: {_last_line(log)} (log: {log})")
     run = {"key": key, "label": label, "workers": workers, "command": shlex.join(command), "log": log,
@@ -354,6 +364,11 @@ def format_table(results: dict) -> str:
                     f"load average {machine['load_average_before'][0]:.1f} before, "
                     f"{machine.get('load_average_after', [float('nan')])[0]:.1f} after; "
                     f"figures as value (ratio to run a)")
+    runs = {run["key"]: run for run in results["runs"]}
+    if "w1" in runs:
+        lines.append("scaling efficiency (samples/s over workers x 1-worker samples/s): " + ", ".join(
+            f"{n} workers {runs[f'w{n}']['samples_per_second'] / (n * runs['w1']['samples_per_second']):.0%}"
+            for n in (1, 2, 4) if f"w{n}" in runs))
     for run in results["runs"]:
         if "timeline" in run:
             lines.append(f"timeline {run['key']}: {format_timeline(run['timeline'])}")

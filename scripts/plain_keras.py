@@ -16,20 +16,35 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer import quiet  # noqa: E402
+from trainer.config import MODELS, Config  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Config()
     parser.add_argument("--data")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--model", default=defaults.model, choices=MODELS)
+    parser.add_argument("--threads", type=int, help="TensorFlow's intra- and inter-op threads (default: its own)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu hides any GPU, as the job's CPU workers do; gpu requires one")
     args = parser.parse_args(argv)
 
+    tf = quiet.import_tensorflow()
+    if args.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    elif not tf.config.list_physical_devices("GPU"):
+        print("error: --device gpu, but TensorFlow sees no GPU", file=sys.stderr)
+        return 1
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
 
     from trainer import data
-    from trainer.config import Config
     from trainer.model import build_model, preprocess
 
     mnist = data.load(data.resolve_source(args.data))

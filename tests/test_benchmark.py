@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, gpu_count
 
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
 FIGURES = ("seconds_per_epoch", "samples_per_second", "start_to_first_step_s", "wall_s",
-           "peak_rss_mb", "test_accuracy")
+           "peak_rss_mb", "test_accuracy", "console_lines")
 
 
 def benchmark(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -22,14 +22,20 @@ def benchmark(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.mark.timeout(420)
-def test_smoke_prints_ratios_to_plain_keras_and_writes_json_and_png(tmp_path):
-    done = benchmark("--smoke", "--output", str(tmp_path), timeout=400)
+@pytest.mark.timeout(600)
+def test_gpu_benchmark_smoke_measures_scaling_against_plain_keras_and_writes_json_and_png(tmp_path):
+    """scripts/gpu_benchmark.sh --smoke: its CPU-scaling invocation of benchmark.py (plain Keras, the
+    job at 1 and 2 workers) on the sample; without a GPU it says it skipped the GPU comparison."""
+    done = subprocess.run(["bash", "scripts/gpu_benchmark.sh", "--smoke", "--output", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^scaling efficiency .*: 1 workers 100%, 2 workers \d+%$", done.stdout, re.MULTILINE)
+    if not gpu_count():
+        assert "GPU comparison skipped" in done.stdout
 
-    results = json.loads((tmp_path / "benchmark.json").read_text())
-    assert [run["key"] for run in results["runs"]] == ["a", "c"] and results["epochs"] == 1
-    plain, job = results["runs"]
+    results = json.loads((tmp_path / "cpu" / "benchmark.json").read_text())
+    assert [run["key"] for run in results["runs"]] == ["a", "w1", "w2"] and results["epochs"] == 1
+    plain, _, job = results["runs"]
     for run in results["runs"]:
         assert all(run[key] > 0 for key in FIGURES), run
         assert run["ratios"]["seconds_per_epoch"] == pytest.approx(
@@ -37,16 +43,31 @@ def test_smoke_prints_ratios_to_plain_keras_and_writes_json_and_png(tmp_path):
         assert 0.5 < run["test_accuracy"] <= 1  # 1 epoch on 3,000 digits: well above chance (0.1)
     assert all(ratio == pytest.approx(1.0) for ratio in plain["ratios"].values())
     assert job["workers"] == 2 and job["global_batch"] == 128 and job["learning_rates"] == [pytest.approx(1e-3)]
+    assert plain["console_lines"] > 0 and job["console_lines"] <= 30
     assert 200 < job["peak_rss_mb"] < 8000  # a worker holds TensorFlow: hundreds of MB, not bytes
     assert job["start_to_first_step_s"] < job["wall_s"]
-    assert {t["what"] for t in results["targets"]} >= {"2 workers at batch 128, seconds per epoch",
-                                                       "start to first step, seconds"}
+    assert "in-process start to first step, seconds" in {t["what"] for t in results["targets"]}
+    assert list(job["timeline"])[0] == "process_start" and job["timeline"]["first_step"] > 0
+    assert job["cpu_s_per_epoch"]["ray::RayTrainWorker"] > 0  # the workers trained, and were sampled
+    assert 0 <= job["non_worker_cpu_s_per_epoch"] < sum(job["cpu_s_per_epoch"].values())
 
-    png = (tmp_path / "benchmark.png").read_bytes()
+    png = (tmp_path / "cpu" / "benchmark.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
-    rows = [line for line in done.stdout.splitlines() if re.match(r"^[ac] ", line)]
-    assert len(rows) == 2 and rows[0].count("(1.00x)") == len(FIGURES)
-    assert re.search(r"target (MET |MISSED) run c: 2 workers at batch 128", done.stdout)
+    rows = [line for line in done.stdout.splitlines() if re.match(r"^(a|w1|w2) ", line)]
+    assert len(rows) == 3 and rows[0].count("(1.00x)") == len(FIGURES)
+    assert re.search(r"^timeline w2: process_start 0.0s \| ray_up ", done.stdout, re.MULTILINE)
+    assert "--threads 1" in plain["command"] and "--cpus-per-worker 1" in job["command"]
+
+
+@pytest.mark.timeout(420)
+def test_a_submitted_run_is_timed_from_ray_job_submit_on_a_cluster_started_for_it(tmp_path):
+    done = benchmark("--smoke", "--runs", "a,s", "--output", str(tmp_path), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    submitted = json.loads((tmp_path / "benchmark.json").read_text())["runs"][1]
+    assert submitted["key"] == "s" and submitted["command"].split()[1:3] == ["job", "submit"]
+    assert 0 < submitted["timeline"]["first_step"] < submitted["start_to_first_step_s"] < submitted["wall_s"]
+    assert submitted["test_accuracy"] > 0.5
+    assert re.search(r"target (MET |MISSED) run s: submitted start to first step", done.stdout)
 
 
 def test_bad_input_is_one_line_error_before_any_run(tmp_path):
@@ -56,4 +77,4 @@ def test_bad_input_is_one_line_error_before_any_run(tmp_path):
     no_baseline = benchmark("--runs", "b,c", "--output", str(tmp_path), timeout=120)
     assert no_baseline.returncode == 1
     assert no_baseline.stderr == "error: --runs must include a (the baseline) and name only " \
-        "a, b, c, d512, d1024; got 'b,c'\n"
+        "a, b, c, d512, d1024, s; got 'b,c'\n"

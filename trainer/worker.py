@@ -67,6 +67,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def start_tensorflow(cfg: Config):
     """Import TensorFlow and make the strategy: thread counts first, before TensorFlow runs anything."""
     tf = quiet.import_tensorflow(cfg.verbose)
+    if not cfg.use_gpu:  # a CPU worker on a GPU machine leaves the GPUs to whoever reserved them
+        tf.config.set_visible_devices([], "GPU")
     tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.cpus_per_worker)
     options = tf.distribute.experimental.CommunicationOptions(
