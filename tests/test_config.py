@@ -149,3 +149,31 @@ def test_warm_up_ramps_per_step_then_holds_and_survives_checkpoint_and_save(tmp_
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     iterations, rate = loaded.stdout.split()
     assert int(iterations) == 8 and float(rate) == pytest.approx(0.001 + 0.007 * 8 / 20)
+
+
+def test_what_each_setting_shapes_is_marked_once_and_read_by_resume_and_retraining():
+    """Resume refuses a changed recipe; retraining's "nothing changed" check ignores where and how a
+    run executed. Both lists come from the marks on Config's fields."""
+    from trainer.driver import RESUME_KEYS
+    from trainer.store import LEARNED_FROM, fingerprint
+
+    assert set(RESUME_KEYS) == {"model", "batch_size", "learning_rate", "lr_scaling", "warmup_epochs",
+                                "seed", "augment"}
+    assert set(RESUME_KEYS) < set(LEARNED_FROM) and {"epochs", "num_workers"} <= set(LEARNED_FROM)
+    base = Config().to_dict()
+    for operational in {"tensorboard_dir": "/tmp/tb", "resource_wait_s": 60.0, "export_savedmodel": True,
+                        "verbose": True, "output": "elsewhere", "steps_per_call": 50}.items():
+        assert fingerprint(dict(base, **dict([operational])), "abc") == fingerprint(base, "abc"), operational
+    assert fingerprint(dict(base, epochs=6), "abc") != fingerprint(base, "abc")
+
+
+def test_every_field_type_parses_from_the_command_line_and_is_validated():
+    from trainer.config import FIELD_TYPES
+
+    for f in dataclasses.fields(Config):
+        assert f.type in FIELD_TYPES, f.name
+    args = build_parser().parse_args(["--resource-wait-s", "2.5", "--local-cpus", "3", "--verbose"])
+    cfg = config_from_args(args)
+    assert (cfg.resource_wait_s, cfg.local_cpus, cfg.verbose) == (2.5, 3, True)
+    with pytest.raises(ValueError, match="local_cpus must be a int | None, got 2.5"):
+        Config(local_cpus=2.5)

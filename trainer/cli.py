@@ -7,9 +7,8 @@ import argparse
 import dataclasses
 import sys
 
-from trainer.config import Config
+from trainer.config import FIELD_TYPES, Config
 
-FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 DESCRIPTION = "Train the classic Keras MNIST model with Ray Train workers; evaluate and save it."
 
 
@@ -24,7 +23,7 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
         else:
-            parser.add_argument(flag, type=FLAG_TYPES[f.type], default=f.default, help=help_text,
+            parser.add_argument(flag, type=FIELD_TYPES[f.type][0], default=f.default, help=help_text,
                                 choices=f.metadata.get("choices"), metavar=f.name.upper())
     return parser
 
