@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import numpy as np
 
 STATE = "state.npz"
+# What reading a checkpoint's files raises when they are missing, truncated or not what they claim
+# (zip CRC and header errors, JSON errors, a missing array). Anything else is a bug, and propagates.
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 META = "meta.json"
 WORKERS = "workers"
 
@@ -44,8 +48,8 @@ def load(directory: str, model) -> dict:
         with np.load(state_path, allow_pickle=False) as npz:
             weights = [npz[k] for k in sorted(k for k in npz.files if k.startswith("w"))]
             slots = [npz[k] for k in sorted(k for k in npz.files if k.startswith("o"))]
-    except Exception as exc:
-        raise _unreadable(directory, exc) from None
+    except UNREADABLE as exc:
+        raise _unreadable(directory, exc) from exc
     variables = _optimizer_variables(model)
     if len(weights) != len(model.weights) or len(slots) != len(variables):
         raise CheckpointError(
@@ -65,8 +69,8 @@ def verify(directory: str) -> dict:
         with np.load(os.path.join(directory, STATE), allow_pickle=False) as npz:
             for key in npz.files:
                 npz[key]
-    except Exception as exc:
-        raise _unreadable(directory, exc) from None
+    except UNREADABLE as exc:
+        raise _unreadable(directory, exc) from exc
     return read_meta(directory)
 
 
@@ -80,8 +84,8 @@ def read_meta(directory: str) -> dict:
     try:
         with open(os.path.join(directory, META)) as f:
             return json.load(f)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {directory} has no readable {META} ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {directory} has no readable {META} ({exc})") from exc
 
 
 def write_worker_info(directory: str, rank: int, info: dict) -> None:

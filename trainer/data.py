@@ -15,6 +15,7 @@ import posixpath
 import struct
 import sys
 import uuid
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,8 @@ def load_npz(path: str) -> Mnist:
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except DataError:
         raise
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, not a zip, bad header
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     return validate(Mnist(**arrays), path)
 
 
@@ -191,7 +192,10 @@ def join(base: str, *parts: str) -> str:
 
 def is_parquet_dir(path: str) -> bool:
     fs, root = filesystem(path)
-    return fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File
+    try:
+        return fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File
+    except OSError as exc:  # an unreachable or refusing object store: the user's input, in one line
+        raise DataError(f"{path}: cannot read it ({str(exc).splitlines()[0][:300]})") from None
 
 
 def read_manifest(path: str) -> dict:
