@@ -155,7 +155,7 @@ def test_what_each_setting_shapes_is_marked_once_and_read_by_resume_and_retraini
     """Resume refuses a changed recipe; retraining's "nothing changed" check ignores where and how a
     run executed. Both lists come from the marks on Config's fields."""
     from trainer.driver import RESUME_KEYS
-    from trainer.store import LEARNED_FROM, fingerprint
+    from trainer.policy import LEARNED_FROM, fingerprint
 
     assert set(RESUME_KEYS) == {"model", "batch_size", "learning_rate", "lr_scaling", "warmup_epochs",
                                 "seed", "augment"}

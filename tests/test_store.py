@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE
-from trainer import retrain, store as store_module
-from trainer.store import (FAILED, PASSED, REJECTED, RUNS, LockHeld, Store, StoreError,
-                           fingerprint, gate, iso, new_version_id, status_of, utc_now)
+from trainer import lock as lock_module, retrain
+from trainer.lock import LockHeld
+from trainer.policy import FAILED, PASSED, REJECTED, fingerprint, gate, iso, new_version_id, status_of, utc_now
+from trainer.store import RUNS, Store, StoreError
 
 # A child that takes the lock and holds it until its stdin closes (or it is killed).
 HOLD = """
@@ -30,7 +31,8 @@ with Store(sys.argv[1]).locked():
 # A child that tries the lock at an agreed instant, so several race for it at once.
 RACE = """
 import sys, time
-from trainer.store import LockHeld, Store
+from trainer.lock import LockHeld
+from trainer.store import Store
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
     with Store(sys.argv[1]).locked() as owner:
@@ -343,25 +345,25 @@ def test_a_lock_from_another_host_is_held_while_its_heartbeat_is_fresh(store):
     with pytest.raises(LockHeld, match="on elsewhere.*last heartbeat"):
         with store.locked():
             pass
-    old = time.time() - store_module.STALE_AFTER_S - 60
+    old = time.time() - lock_module.STALE_AFTER_S - 60
     os.utime(path, (old, old))
     with store.locked() as owner:
         assert owner["took_over"]["hostname"] == "elsewhere"
 
 
 def test_a_reused_pid_does_not_keep_a_lock_alive():
-    me = store_module._lock_record()
-    assert not store_module.is_stale(me, age=0.0)
-    assert store_module.is_stale({**me, "proc_start": me["proc_start"] + 1}, age=0.0)
-    unreadable_age = store_module.STALE_AFTER_S + 1
-    assert store_module.is_stale({}, age=unreadable_age) and not store_module.is_stale({}, age=1.0)
+    me = lock_module._lock_record()
+    assert not lock_module.is_stale(me, age=0.0)
+    assert lock_module.is_stale({**me, "proc_start": me["proc_start"] + 1}, age=0.0)
+    unreadable_age = lock_module.STALE_AFTER_S + 1
+    assert lock_module.is_stale({}, age=unreadable_age) and not lock_module.is_stale({}, age=1.0)
 
 
 def test_the_holder_keeps_its_lock_fresh_with_a_heartbeat(store, monkeypatch):
-    monkeypatch.setattr(store_module, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(lock_module, "HEARTBEAT_S", 0.05)
     with store.locked():
         old = time.time() - 3600
         os.utime(store.path("lock"), (old, old))
         time.sleep(0.5)
-        _, age = store_module.read_lock(store.path("lock"))
+        _, age = lock_module.read_lock(store.path("lock"))
         assert age < 5  # another host would not take it over

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 from trainer import cli, data
 from trainer.config import Config
-from trainer.store import (DATA, FAILED, PASSED, REJECTED, RUNS, LockHeld, Store, StoreError,
-                           fingerprint, gate, iso, new_version_id, status_of, utc_now)
+from trainer.lock import LockHeld
+from trainer.policy import FAILED, PASSED, REJECTED, fingerprint, gate, iso, new_version_id, status_of, utc_now
+from trainer.store import DATA, RUNS, Store, StoreError
 
 DESCRIPTION = ("Retrain the MNIST model into a versioned model store; promote it only if it is "
                "not worse than the current one. Takes every training flag too.")

@@ -1,4 +1,4 @@
-"""The model store: immutable model versions, a pointer to the current one, and an exclusive lock.
+"""The model store: immutable model versions, a pointer to the current one, under an exclusive lock.
 
     <store>/versions/<id>/        mnist.keras, mnist.h5, metrics.json, version.json, the evaluation
                                   report and plots; never changed
@@ -16,85 +16,22 @@ Pure Python; nothing here knows about Ray, TensorFlow or Keras.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
-import socket
-import sys
-import threading
-from datetime import datetime, timezone
 
-from trainer.config import RESULT, WEIGHTS, fields_shaping
+from trainer.lock import held
 from trainer.outputs import write_json_atomic
+from trainer.policy import FAILED, PASSED, REJECTED, VERSION_ID, iso, utc_now
 
 VERSIONS, STAGING, TRASH, DATA, RUNS = "versions", "staging", ".trash", "data", "ray_results"
 POINTER, LOCK, RECORD = "current.json", "lock", "version.json"
 MODEL_FILES = ("mnist.keras", "mnist.h5", "metrics.json")
-PASSED, REJECTED, FAILED = "passed", "rejected", "failed"  # a version's gate decision, fixed at birth
-VERSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
-HEARTBEAT_S = 30.0  # how often the holder touches the lock, so other hosts can tell it is alive
-STALE_AFTER_S = 600.0  # a lock we cannot check by pid is stale after this long without a heartbeat
-ACCURACY_SLACK = 1e-9  # accuracies are float32 fractions; equal must compare equal after subtraction
-# What a model learns from, besides the data's content: the fields marked so in Config. Where and
-# how a run executes (paths, the cluster, logging, the source's path) is no reason to retrain.
-LEARNED_FROM = fields_shaping(WEIGHTS, RESULT)
 
 
 class StoreError(RuntimeError):
     """The store is missing, corrupt, or refuses the operation. The message is one line."""
-
-
-class LockHeld(StoreError):
-    """Another retraining run holds the store's lock."""
-
-
-# ---------------------------------------------------------------------------- pure helpers
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def new_version_id(now: datetime | None = None) -> str:
-    return f"{(now or utc_now()).astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def gate(accuracy: float, baseline: float | None, tolerance: float,
-         min_accuracy: float) -> tuple[bool, str]:
-    """(promote?, why): at least the floor, and at least the current model's accuracy - tolerance."""
-    if accuracy + ACCURACY_SLACK < min_accuracy:
-        return False, f"test accuracy {accuracy:.4f} is below the floor {min_accuracy:.4f} (--min-accuracy)"
-    if baseline is None:
-        return True, f"test accuracy {accuracy:.4f} >= floor {min_accuracy:.4f}; there was no current model"
-    if accuracy + ACCURACY_SLACK < baseline - tolerance:
-        return False, (f"test accuracy {accuracy:.4f} is more than {tolerance:.4f} (--tolerance) below "
-                       f"the current model's {baseline:.4f}")
-    return True, (f"test accuracy {accuracy:.4f} >= current {baseline:.4f} - {tolerance:.4f} "
-                  f"and >= floor {min_accuracy:.4f}")
-
-
-def fingerprint(config: dict, data_sha256: str) -> dict:
-    """What a model is a function of: the data's content and the recipe (not where it ran)."""
-    return {"data_sha256": data_sha256,
-            "config": {k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}}
-
-
-def status_of(record: dict, pointer: dict | None) -> str:
-    """current, promoted earlier, rejected, failed, or not promoted (passed, then a crash)."""
-    vid = record.get("version")
-    if pointer and pointer.get("version") == vid:
-        return "current"
-    if record.get("decision") in (REJECTED, FAILED):
-        return record["decision"]
-    if any(entry.get("version") == vid for entry in (pointer or {}).get("history", [])):
-        return "promoted earlier"
-    return "not promoted"
 
 
 # ---------------------------------------------------------------------------- the store
@@ -306,26 +243,11 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the store's lock for the block, or raise LockHeld if a live run holds it.
-
-        Yields the lock record (pid, hostname, started, ...; "took_over" names a stale holder).
-        The lock appears whole: a written temp file hard-linked to `lock`, which like O_EXCL
-        fails if the name exists (and is the NFS-safe form of it). A lock is stale when its
-        process is gone (same machine: pid, start time and boot id are checked) or, when that
-        cannot be checked (another host), after STALE_AFTER_S without a heartbeat.
-        """
+        """Hold the store's lock (trainer/lock.py) for the block, or raise LockHeld if a live run
+        holds it. Yields the lock record (pid, hostname, started; "took_over" names a stale holder)."""
         os.makedirs(self.root, exist_ok=True)
-        path = self.path(LOCK)
-        owner = acquire(path)
-        stop = threading.Event()
-        beat = threading.Thread(target=_heartbeat, args=(path, owner["token"], stop), daemon=True)
-        beat.start()
-        try:
+        with held(self.path(LOCK)) as owner:
             yield owner
-        finally:
-            stop.set()
-            beat.join()
-            release(path, owner["token"])
 
 
 def _fsync_dir(path: str) -> None:
@@ -335,126 +257,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------- lock internals
-
-def acquire(path: str) -> dict:
-    me = _lock_record()
-    tmp = f"{path}.{me['token']}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(me, f)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        for _ in range(3):  # retried after a stale lock is taken over or a holder just released
-            try:
-                os.link(tmp, path)
-                return me
-            except FileExistsError:
-                pass
-            holder, age = read_lock(path)
-            if holder is None:
-                continue
-            if not is_stale(holder, age):
-                raise LockHeld(_held_message(path, holder, age))
-            if _take_over(path, holder):
-                me["took_over"] = holder
-        raise LockHeld(f"{path} keeps changing hands; another retraining run is starting")
-    finally:
-        os.remove(tmp)
-
-
-def release(path: str, token: str) -> None:
-    holder, _ = read_lock(path)
-    if holder is not None and holder.get("token") == token:  # never remove a lock we lost
-        os.remove(path)
-
-
-def read_lock(path: str) -> tuple[dict | None, float]:
-    """(the lock's record, or {} if unreadable; seconds since its last heartbeat). (None, 0) if absent."""
-    try:
-        with open(path) as f:
-            text = f.read()
-        age = utc_now().timestamp() - os.stat(path).st_mtime
-    except FileNotFoundError:
-        return None, 0.0
-    try:
-        holder = json.loads(text)
-    except ValueError:
-        holder = {}
-    return (holder if isinstance(holder, dict) else {}), age
-
-
-def is_stale(holder: dict, age: float) -> bool:
-    if (holder.get("hostname") == socket.gethostname() and holder.get("boot_id") == _boot_id()
-            and isinstance(holder.get("pid"), int)):
-        return not _alive(holder["pid"], holder.get("proc_start"))
-    return age > STALE_AFTER_S  # another machine (or this one before a reboot): trust the heartbeat
-
-
-def _take_over(path: str, holder: dict) -> bool:
-    with open(f"{path}.takeover", "a") as guard:
-        # One taker at a time: two could otherwise each delete the lock the other just made.
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        again, _ = read_lock(path)
-        if again is None or again.get("token") != holder.get("token"):
-            return False
-        os.remove(path)
-        return True
-
-
-def _heartbeat(path: str, token: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
-        holder, _ = read_lock(path)
-        if holder is not None and holder.get("token") == token:
-            with contextlib.suppress(OSError):
-                os.utime(path)
-
-
-def _lock_record() -> dict:
-    stat = _proc_stat(os.getpid())
-    return {"pid": os.getpid(), "hostname": socket.gethostname(), "boot_id": _boot_id(),
-            "proc_start": stat[1] if stat else None, "started": iso(utc_now()),
-            "token": secrets.token_hex(8), "command": " ".join(sys.argv)[:300]}
-
-
-def _held_message(path: str, holder: dict, age: float) -> str:
-    who = f"pid {holder.get('pid', '?')} on {holder.get('hostname', '?')}, since {holder.get('started', '?')}"
-    if holder.get("hostname") == socket.gethostname() and holder.get("boot_id") == _boot_id():
-        return f"another retraining run holds {path} ({who})"
-    return (f"another retraining run holds {path} ({who}; last heartbeat {age:.0f} s ago, "
-            f"taken over after {STALE_AFTER_S:.0f} s without one)")
-
-
-def _alive(pid: int, proc_start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: the pid exists, which is all we can tell
-    state, start = stat
-    # A zombie is dead (killed, not yet reaped); another start time means the pid was reused.
-    return state != "Z" and (proc_start is None or start == proc_start)
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc/<pid>/stat; None without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
