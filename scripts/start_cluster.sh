@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${MNIST_RAY_PORT:-6379}"
 DASHBOARD_PORT="${MNIST_RAY_DASHBOARD_PORT:-8265}"
-NUM_CPUS="${MNIST_RAY_NUM_CPUS:-$(( $(nproc) + 1 ))}"
+NUM_CPUS="${MNIST_RAY_NUM_CPUS:-$(( $(nproc) + 1 ))}"  # + trainer/cluster.py DATA_CPUS
 TEMP_DIR="${MNIST_RAY_TEMP_DIR:-}"
 TIMEOUT="${MNIST_RAY_START_TIMEOUT:-120}"
 EXTRA=()

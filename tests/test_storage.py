@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_port, ROOT, SAMPLE, run_job
+from tests.conftest import ROOT, SAMPLE, free_port, run_job
 
 BUCKET = "mnist"
 

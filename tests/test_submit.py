@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, ROOT
+from tests.conftest import ROOT, free_port
+from trainer.outputs import MODEL_FILES as OUTPUT_MODEL_FILES
 
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, beside the interpreter running pytest
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
 START, STOP = ROOT / "scripts" / "start_cluster.sh", ROOT / "scripts" / "stop_cluster.sh"
-MODEL_FILES = ("mnist.keras", "mnist.h5", "metrics.json")
+MODEL_FILES = (*OUTPUT_MODEL_FILES, "metrics.json")
 
 
 def cluster_pids(temp_dir: str) -> list[int]:

@@ -17,12 +17,11 @@ import time
 
 from trainer import checkpoint, cluster, data, quiet, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping
-from trainer.outputs import publish, save_model_atomic, write_json_atomic
+from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
 DATA_DIR = "_prepared_data"  # under the storage path, beside the runs
 PUBLISHED = "model"  # <storage>/<run>/model/: the final outputs, where a submitted job's user finds them
 RESUME_KEYS = fields_shaping(WEIGHTS)  # a resumed run must share these with its checkpoint
-MODEL_FILES = ("mnist.keras", "mnist.h5")
 
 
 class TrainingError(RuntimeError):

@@ -9,6 +9,8 @@ import json
 import os
 import uuid
 
+MODEL_FILES = ("mnist.keras", "mnist.h5")  # the trained model: Keras 3 native, and the tutorial's HDF5
+
 
 def _temporary_sibling(path: str) -> str:
     directory, name = os.path.split(os.path.abspath(path))

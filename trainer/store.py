@@ -22,12 +22,12 @@ import secrets
 import shutil
 
 from trainer.lock import held
-from trainer.outputs import write_json_atomic
+from trainer.outputs import MODEL_FILES, write_json_atomic
 from trainer.policy import FAILED, PASSED, REJECTED, VERSION_ID, iso, utc_now
 
 VERSIONS, STAGING, TRASH, DATA, RUNS = "versions", "staging", ".trash", "data", "ray_results"
 POINTER, LOCK, RECORD = "current.json", "lock", "version.json"
-MODEL_FILES = ("mnist.keras", "mnist.h5", "metrics.json")
+VERSION_FILES = (*MODEL_FILES, "metrics.json")  # what a registered version must hold
 
 
 class StoreError(RuntimeError):
@@ -181,7 +181,7 @@ class Store:
         if record.get("decision") == REJECTED and not force:
             raise StoreError(f"version {vid} was rejected ({record.get('reason')}); "
                              "pass --force to roll back to it anyway")
-        missing = [n for n in MODEL_FILES if not os.path.isfile(self.model_path(vid, n))]
+        missing = [n for n in VERSION_FILES if not os.path.isfile(self.model_path(vid, n))]
         if missing:
             raise StoreError(f"version {vid} lacks {', '.join(missing)}; choose another (--list)")
         try:
