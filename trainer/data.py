@@ -14,7 +14,6 @@ import os
 import posixpath
 import struct
 import sys
-import uuid
 import zipfile
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from trainer.outputs import temporary_sibling
 
 SPLITS = ("train", "test")
 IMAGE_SHAPE = (28, 28)
@@ -234,9 +235,8 @@ def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
     fs, root = filesystem(path)
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
         raise DataError(f"{path} already exists; remove it or choose another destination")
-    parent, name = posixpath.split(root.rstrip("/"))
     renames = isinstance(fs, pafs.LocalFileSystem)
-    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if renames else root
+    tmp = temporary_sibling(root) if renames else root
     fs.create_dir(tmp, recursive=True)
     manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
     shards, written = sum(-(-len(data.split(name)[0]) // rows_per_file) for name in SPLITS), 0  # ceil

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
+
+from trainer.outputs import temporary_sibling
 
 ENDPOINT = "serve"
 DIRECTORY = "mnist_savedmodel"  # under --output
@@ -28,9 +29,7 @@ def export_savedmodel(model, path: str) -> str:
     import tensorflow as tf
 
     path = os.path.abspath(path)
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = os.path.join(directory, f".{name}.old-{uuid.uuid4().hex[:8]}")
+    tmp, old = temporary_sibling(path), temporary_sibling(path, kind="old")
     archive = keras.export.ExportArchive()
     archive.track(model)
     # training=False, explicitly: model.export calls the model without it, which would leave

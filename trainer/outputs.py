@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import uuid
 
 MODEL_FILES = ("mnist.keras", "mnist.h5")  # the trained model: Keras 3 native, and the tutorial's HDF5
 
 
-def _temporary_sibling(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    stem, ext = os.path.splitext(name)
-    return os.path.join(directory, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")  # Keras wants the ext
+def temporary_sibling(path: str, kind: str = "tmp") -> str:
+    """A hidden, unique name in the same folder as `path` (so a rename into place is atomic), with the
+    same extension (Keras picks the format from it). Local paths and object-store keys alike.
+    Every write-then-rename in this project names its temporary this way."""
+    directory, name = posixpath.split(path.rstrip("/"))
+    stem, ext = posixpath.splitext(name)
+    return posixpath.join(directory, f".{stem}.{kind}-{uuid.uuid4().hex[:8]}{ext}")
 
 
 def write_bytes_atomic(path: str, payload: bytes) -> None:
-    tmp = _temporary_sibling(path)
+    tmp = temporary_sibling(os.path.abspath(path))
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
@@ -37,7 +41,7 @@ def write_json_atomic(path: str, value) -> None:
 
 def save_model_atomic(model, path: str) -> None:
     """model.save to a temporary .keras/.h5 sibling, then rename into place."""
-    tmp = _temporary_sibling(path)
+    tmp = temporary_sibling(os.path.abspath(path))
     try:
         model.save(tmp)
         os.replace(tmp, path)
@@ -63,6 +67,6 @@ def publish(paths: list[str], destination: str) -> None:
             pafs.copy_files(path, target, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=target_fs)
             continue
-        tmp = f"{root}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(target)
         pafs.copy_files(path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target_fs)
         target_fs.move(tmp, target)
