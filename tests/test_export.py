@@ -56,7 +56,7 @@ def test_a_failed_export_keeps_the_previous_one(tmp_path, test_pixels):
     old = build_model(Config(seed=1))
     export_savedmodel(old, str(path))
     unbuilt = keras.Sequential([keras.layers.Dense(10)])  # no input shape: nothing to export
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="has not yet been built"):
         export_savedmodel(unbuilt, str(path))
     assert os.listdir(tmp_path) == [DIRECTORY]
     np.testing.assert_allclose(serve(path, x), old.predict(x, verbose=0), atol=1e-5)
