@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import SAMPLE
 from trainer import data
 from trainer.data import DataError
+from trainer.idx import IDX_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def write_idx(path, array, magic=None, gz=True):
 
 def write_idx_dir(directory, mnist, gz=True):
     directory.mkdir(exist_ok=True)
-    for (split, part), stem in data.IDX_NAMES.items():
+    for (split, part), stem in IDX_NAMES.items():
         x, y = mnist.split(split)
         write_idx(directory / (stem + (".gz" if gz else "")), x if part == "images" else y, gz=gz)
     return directory
@@ -88,7 +89,7 @@ def replace_idx(directory, stem, array=None, raw=None, **kwargs):
 ])
 def test_bad_idx_inputs_give_clear_errors(tmp_path, sample, case, message):
     d = write_idx_dir(tmp_path / "idx", sample)
-    train_images, train_labels = data.IDX_NAMES[("train", "images")], data.IDX_NAMES[("train", "labels")]
+    train_images, train_labels = IDX_NAMES[("train", "images")], IDX_NAMES[("train", "labels")]
     if case == "image_magic":
         replace_idx(d, train_images, sample.x_train, magic=0x801)
     elif case == "label_magic":
@@ -109,10 +110,10 @@ def test_bad_idx_inputs_give_clear_errors(tmp_path, sample, case, message):
         labels[7] = 12
         replace_idx(d, train_labels, labels)
     elif case == "empty":
-        replace_idx(d, data.IDX_NAMES[("test", "images")], np.zeros((0, 28, 28), np.uint8))
-        replace_idx(d, data.IDX_NAMES[("test", "labels")], np.zeros((0,), np.uint8))
+        replace_idx(d, IDX_NAMES[("test", "images")], np.zeros((0, 28, 28), np.uint8))
+        replace_idx(d, IDX_NAMES[("test", "labels")], np.zeros((0,), np.uint8))
     elif case == "missing":
-        (d / (data.IDX_NAMES[("test", "labels")] + ".gz")).unlink()
+        (d / (IDX_NAMES[("test", "labels")] + ".gz")).unlink()
     with pytest.raises(DataError, match=message) as info:
         data.load(str(d))
     assert "\n" not in str(info.value)

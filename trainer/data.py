@@ -1,4 +1,5 @@
-"""MNIST in, validated arrays out, and Parquet shards (with a manifest) for Ray Data.
+"""MNIST in (npz, IDX via trainer/idx.py, Parquet), validated arrays out (trainer/mnist.py), and
+Parquet shards with a manifest for Ray Data, written once per content.
 
 Pure functions of numpy and pyarrow: nothing here knows about Ray or TensorFlow.
 Sources: a Keras-layout .npz, a directory of the four IDX files (gzip or raw), or a
@@ -7,50 +8,23 @@ Parquet directory written by `write_parquet` (local path or a pyarrow URI like s
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import posixpath
-import struct
 import sys
 import zipfile
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainer.idx import load_idx_dir
+from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, DataError, Mnist, content_hash, validate
 from trainer.outputs import temporary_sibling
 
-SPLITS = ("train", "test")
-IMAGE_SHAPE = (28, 28)
-IMAGE_BYTES = 28 * 28
 MANIFEST = "manifest.json"
 FORMAT = "mnist-parquet/1"
-IDX_NAMES = {  # (split, part) -> file stem, as distributed by LeCun et al. and mirrored by Keras
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-IDX_MAGIC = {"images": (0x00000803, 3), "labels": (0x00000801, 1)}
-
-
-class DataError(ValueError):
-    """A data source is missing, malformed or inconsistent. The message is one line."""
-
-
-@dataclass(frozen=True)
-class Mnist:
-    x_train: np.ndarray  # (n, 28, 28) uint8
-    y_train: np.ndarray  # (n,) uint8 in 0..9
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -99,82 +73,6 @@ def load_npz(path: str) -> Mnist:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, not a zip, bad header
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     return validate(Mnist(**arrays), path)
-
-
-def load_idx_dir(directory: str) -> Mnist:
-    arrays = {}
-    for (split, part), stem in IDX_NAMES.items():
-        path = _find_idx(directory, stem)
-        arrays[f"{'x' if part == 'images' else 'y'}_{split}"] = read_idx(path, part)
-    return validate(Mnist(**arrays), directory)
-
-
-def _find_idx(directory: str, stem: str) -> str:
-    candidates = [stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"]
-    for name in candidates:
-        if os.path.isfile(os.path.join(directory, name)):
-            return os.path.join(directory, name)
-    raise DataError(f"{directory}: no {stem}[.gz] found (expected the four MNIST IDX files, "
-                    "a Keras .npz, or a Parquet directory with manifest.json)")
-
-
-def read_idx(path: str, part: str) -> np.ndarray:
-    """Read one IDX file ('images' or 'labels'), gzip or raw, checking magic, dimensions and size."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
-    want_magic, ndim = IDX_MAGIC[part]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX {part} header")
-    magic = struct.unpack(">I", raw[:4])[0]
-    if magic != want_magic:
-        raise DataError(f"{path}: IDX magic number 0x{magic:08x}, expected 0x{want_magic:08x} for {part}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    if part == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
-        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: {len(raw) - header} data bytes, header promises {expected} "
-                        f"({'x'.join(map(str, dims))}); file truncated or padded")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def validate(data: Mnist, where: str) -> Mnist:
-    """Check shapes, dtypes, counts and label range; return uint8 arrays or raise DataError."""
-    out = {}
-    for split in SPLITS:
-        x, y = data.split(split)
-        x, y = np.asarray(x), np.asarray(y)
-        if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-            raise DataError(f"{where}: {split} images have shape {x.shape}, expected (n, 28, 28)")
-        if x.dtype != np.uint8:
-            raise DataError(f"{where}: {split} images are {x.dtype}, expected uint8")
-        if len(x) == 0:
-            raise DataError(f"{where}: the {split} split is empty")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{where}: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
-        if len(y) != len(x):
-            raise DataError(f"{where}: {len(x)} {split} images but {len(y)} labels")
-        if y.min() < 0 or y.max() > 9:
-            raise DataError(f"{where}: {split} labels must lie in 0..9, found {y.min()}..{y.max()}")
-        out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.uint8)
-    return Mnist(**out)
-
-
-def content_hash(data: Mnist) -> str:
-    """sha256 over both splits' labels and pixels: the data's identity across formats."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        x, y = data.split(split)
-        h.update(f"{split}:{len(x)}:".encode())
-        h.update(np.ascontiguousarray(x).tobytes())
-        h.update(np.ascontiguousarray(y).tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- Parquet

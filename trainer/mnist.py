@@ -1,0 +1,63 @@
+"""MNIST as arrays: the container, its validation, and its identity (a content hash).
+
+Pure numpy: nothing here reads files or knows about Ray or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "test")
+IMAGE_SHAPE = (28, 28)
+IMAGE_BYTES = 28 * 28
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed or inconsistent. The message is one line."""
+
+
+@dataclass(frozen=True)
+class Mnist:
+    x_train: np.ndarray  # (n, 28, 28) uint8
+    y_train: np.ndarray  # (n,) uint8 in 0..9
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+def validate(data: Mnist, where: str) -> Mnist:
+    """Check shapes, dtypes, counts and label range; return uint8 arrays or raise DataError."""
+    out = {}
+    for split in SPLITS:
+        x, y = data.split(split)
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"{where}: {split} images have shape {x.shape}, expected (n, 28, 28)")
+        if x.dtype != np.uint8:
+            raise DataError(f"{where}: {split} images are {x.dtype}, expected uint8")
+        if len(x) == 0:
+            raise DataError(f"{where}: the {split} split is empty")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{where}: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"{where}: {len(x)} {split} images but {len(y)} labels")
+        if y.min() < 0 or y.max() > 9:
+            raise DataError(f"{where}: {split} labels must lie in 0..9, found {y.min()}..{y.max()}")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.uint8)
+    return Mnist(**out)
+
+
+def content_hash(data: Mnist) -> str:
+    """sha256 over both splits' labels and pixels: the data's identity across formats."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        x, y = data.split(split)
+        h.update(f"{split}:{len(x)}:".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+        h.update(np.ascontiguousarray(y).tobytes())
+    return h.hexdigest()
