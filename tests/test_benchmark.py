@@ -76,5 +76,5 @@ def test_bad_input_is_one_line_error_before_any_run(tmp_path):
     assert missing.stderr.count("\n") == 1 and "run a" not in missing.stdout
     no_baseline = benchmark("--runs", "b,c", "--output", str(tmp_path), timeout=120)
     assert no_baseline.returncode == 1
-    assert no_baseline.stderr == "error: --runs must include a (the baseline) and name only " \
-        "a, b, c, d512, d1024, s; got 'b,c'\n"
+    assert no_baseline.stderr.startswith("error: --runs must include a (the baseline) and name only a, b, c, ")
+    assert no_baseline.stderr.endswith("; got 'b,c'\n") and no_baseline.stderr.count("\n") == 1
