@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -56,6 +57,7 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
 }
 DEFAULT_RUNS = ("a", "b", "c", "d512", "d1024", "s")
 SUBMITTED = "s"
+RAY_CLI_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|SUCC|WARNING) \S+\.py:\d+ -- ")
 SMOKE_RUNS = ("a", "c")
 TARGETS = (  # (run, what, the most it may cost as a ratio to plain Keras's seconds per epoch)
     ("b", "1 worker, seconds per epoch", 1.1),
@@ -243,7 +245,7 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
     if code != 0:
         raise BenchmarkError(f"run {key} ({label}) exited with {code}: {_last_line(log)} (log: {log})")
     run = {"key": key, "label": label, "workers": workers, "command": shlex.join(command), "log": log,
-           "wall_s": ended - started, "console_lines": _line_count(log)}
+           "wall_s": ended - started, "console_lines": _line_count(log, skip=RAY_CLI_LINE)}
     run.update(_job_figures(os.path.join(out_dir, "metrics.json"), started))
     run.pop("history")
     return run
@@ -257,9 +259,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _line_count(log: str) -> int:
+def _line_count(log: str, skip: re.Pattern | None = None) -> int:
+    """Lines in a run's console log; for a submitted run, without `ray job submit`'s own lines (its
+    banner, upload notices and status), which are the Ray CLI's, not the job's: what `ray job logs` shows."""
     with open(log) as f:
-        return sum(1 for _ in f)
+        return sum(1 for line in f if not (skip and skip.match(line)))
 
 
 def _timed_subprocess(command: list[str], log: str, timeout: float,
