@@ -1,7 +1,8 @@
 """The driver: prepare data, start or join Ray, launch Ray Train, evaluate and save the model.
 
-    source -> data.prepare (Parquet shards, once) -> ray.data.read_parquet -> TensorflowTrainer
-    -> final checkpoint -> evaluate on the 10,000 test images -> mnist.keras, mnist.h5, metrics.json
+    source -> data.prepare (Parquet shards, once) -> pyarrow tables -> ray.data.from_arrow
+    -> DataParallelTrainer (trainer/backend.py, trainer/worker.py) -> final checkpoint
+    -> evaluate on the 10,000 test images -> mnist.keras, mnist.h5, metrics.json
 
 A run lives at <storage>/<run name>. Rerunning the same name resumes it from Ray Train's latest
 checkpoint (Ray Train V2 resumes a RunConfig(name, storage_path) that exists); a finished run is
@@ -156,7 +157,7 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
-        datasets={"train": ray.data.from_arrow(data.read_parquet_tables(parquet_dir, "train"))},
+        datasets={"train": ray.data.from_arrow(data.read_parquet_tables(parquet_dir, "train"))},  # a block a file
         # preserve_order: blocks reach the split in file order and go to the emptiest worker, so the
         # same seed gives the same shards and the same run (locality-based dispatch varies run to run).
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
