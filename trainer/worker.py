@@ -41,7 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         marks["tensorflow_imported"] = time.time()
         images, labels, index = reading.result()
     marks["shard_in_memory"] = time.time()
-    model, steps = build(tf, strategy, cfg, len(images))
+    model = build(strategy, cfg, len(images))
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
     train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
     info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
@@ -55,9 +55,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)))
             history.append(record)
             marks.setdefault("first_step", record["first_step_unix"])
+            marks["last_step"] = record["first_step_unix"] + record["seconds"]
             if rank == 0:
                 _announce(record, cfg.epochs, history, board, model)
-            marks["last_step"] = time.time()
             _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
     finally:
         if board:
@@ -77,15 +77,15 @@ def start_tensorflow(cfg: Config):
     return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
-def build(tf, strategy, cfg: Config, rows: int):
-    """The compiled model with its optimizer's slots made, under the strategy; and steps per epoch."""
+def build(strategy, cfg: Config, rows: int):
+    """The compiled model with its optimizer's slots made, under the strategy (`rows` in this
+    worker's shard time the learning-rate warm-up)."""
     from trainer.model import build_model
 
-    steps = rows // cfg.per_worker_batch
     with strategy.scope():
-        model = build_model(cfg, steps_per_epoch=steps)
+        model = build_model(cfg, steps_per_epoch=rows // cfg.per_worker_batch)
         model.optimizer.build(model.trainable_variables)
-    return model, steps
+    return model
 
 
 def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
