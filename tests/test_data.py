@@ -181,15 +181,14 @@ def test_source_resolution_prefers_flag_then_env(monkeypatch):
     assert data.resolve_source(None) is None
 
 
-def test_an_unreachable_object_store_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+def test_an_unreachable_object_store_is_a_one_line_error(tmp_path):
     """An s3:// path whose endpoint refuses the connection (a closed port on loopback, so no traffic
     leaves this machine): one line naming the path and the cause, exit 1, no traceback."""
-    from trainer.cli import main
+    from tests.conftest import run_job
 
-    for name, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    assert main(["--data", "s3://no-such-bucket/mnist", "--output", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: s3://no-such-bucket/mnist: cannot read it (")
-    assert "NETWORK_CONNECTION" in err
+    proc = run_job("--data", "s3://no-such-bucket/mnist", "--output", str(tmp_path), timeout=120,
+                   env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: s3://no-such-bucket/mnist: cannot read it (")
+    assert "NETWORK_CONNECTION" in proc.stderr

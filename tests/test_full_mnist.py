@@ -33,7 +33,9 @@ def accuracies(full_mnist, tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = read_metrics(output)
         assert len(metrics["epochs"]) == 5 and metrics["config"]["batch_size"] == 128
-        assert {w["rows"] for w in metrics["workers"]} == {60000 // workers}
+        shards = metrics["workers"]
+        assert {w["rows"] for w in shards} == {60000 // workers} and len({w["index_sha256"] for w in shards}) == workers
+        assert all(w["global_rows_seen"] == 60000 and w["global_rows_duplicated"] == 0 for w in shards)
         results[workers] = metrics["test_accuracy"]
     print(f"full MNIST test accuracy by worker count: {results}")
     return results
