@@ -170,13 +170,13 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
 
 
-def test_raycronjob_is_a_forbid_concurrency_schedule_of_a_retrain_rayjob():
+def test_raycronjob_is_a_nightly_utc_schedule_of_a_retrain_rayjob():
     doc = yaml.safe_load(RAYCRONJOB.read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCronJob"
     assert doc["metadata"]["name"]
     spec = doc["spec"]
     assert len(spec["schedule"].split()) == 5 and croniter.is_valid(spec["schedule"])
-    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["timeZone"] == "Etc/UTC" and "concurrencyPolicy" not in spec  # no such field in the CRD
     job = spec["jobTemplate"]
     assert job["shutdownAfterJobFinishes"] is True
     parsed = retrain.build_parser().parse_args(retrain_args(job["entrypoint"]))
