@@ -141,6 +141,7 @@ def test_rerun_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, 
     rerun = run_job(*RECIPE, *interrupted["args"])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
+    assert "INFO" not in rerun.stdout + rerun.stderr  # Ray Train's own resume notices stay off the console
     metrics = read_metrics(interrupted["base"] / "out")
     assert_each_epoch_once_with_a_restart(metrics)
     assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.005

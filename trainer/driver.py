@@ -32,6 +32,7 @@ class TrainingError(RuntimeError):
 def run(cfg: Config) -> dict:
     """Train with Ray Train, evaluate on the test split, write outputs; return the metrics dict."""
     marks = {"process_start": timeline.process_start_time()}
+    cluster.prepare_environment(cfg)  # before anything imports Ray (a resumed run's checkpoint lookup does)
     if cluster.address(cfg):
         cluster.check_reachable(cluster.address(cfg))
     storage = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
@@ -110,7 +111,6 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: 
 
 
 def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict):
-    cluster.prepare_environment(cfg)  # read when Ray is imported, and inherited by a local Ray
     import ray
     from ray.train import TrainingFailedError
 
