@@ -50,8 +50,9 @@ def test_preprocess_flattens_scales_and_one_hots():
     assert y.shape == (5, 10) and np.array_equal(y.argmax(1), labels) and np.array_equal(y.sum(1), np.ones(5))
 
 
-def test_preprocess_is_the_same_inside_a_tf_data_pipeline():
-    """The workers map it over batched uint8 tensors; the driver calls it on numpy arrays."""
+def test_preprocess_is_the_same_on_tensors_in_graph_mode():
+    """The workers' step calls it on uint8 tensors inside a tf.function (graph mode, as tf.data's
+    map runs it here); the driver calls it on numpy arrays."""
     import tensorflow as tf
 
     with np.load(SAMPLE) as npz:

@@ -72,7 +72,7 @@ def preprocess(images, labels):
     """uint8 (n,28,28) images and 0..9 labels -> float32 (n,784) in [0,1] and one-hot (n,10).
 
     Keras ops, so the same code serves numpy arrays (evaluation, plain Keras; numpy comes back) and
-    the tensors of the workers' tf.data pipeline."""
+    the tensors inside the workers' training step."""
     x = keras.ops.reshape(keras.ops.cast(images, "float32") / 255.0, (-1, 784))
     y = keras.ops.one_hot(keras.ops.cast(labels, "int32"), NUM_CLASSES)
     if isinstance(images, np.ndarray):
