@@ -166,9 +166,8 @@ def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str]
         command = [sys.executable, os.path.join(ROOT, "scripts", "plain_keras.py"), "--data", data,
                    "--epochs", str(epochs), *extra]
     else:
-        command = [sys.executable, os.path.join(ROOT, "jobs", "train_mnist.py"), "--data", data,
-                   "--epochs", str(epochs), "--output", out_dir, "--storage-path", storage,
-                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *extra]
+        command = [sys.executable, os.path.join(ROOT, "jobs", "train_mnist.py"),
+                   *_job_args(key, data, epochs, out_dir, storage, extra)]
     log = os.path.join(output, "logs", f"{key}.log")
     started, code, max_rss_kb, sampler = _timed_subprocess(command, log, timeout)
     ended = time.time()
@@ -187,8 +186,8 @@ def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str]
                    start_to_first_step_s=process_started + summary["start_to_first_step"] - started,
                    peak_rss_mb=max_rss_kb / 1024, test_accuracy=summary["test_accuracy"])
     else:
-        run.update(_job_figures(os.path.join(out_dir, "metrics.json"), started))
-        history = run.pop("history")
+        figures, history = _job_figures(os.path.join(out_dir, "metrics.json"), started)
+        run.update(figures)
         training = (history[0]["first_step_unix"], history[-1]["first_step_unix"] + history[-1]["seconds"])
         run["cpu_s_per_epoch"] = {name: seconds / len(history) for name, seconds in
                                   sampler.cpu_between(*training).items() if seconds > 0.005}
@@ -197,19 +196,25 @@ def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str]
     return run
 
 
-def _job_figures(metrics_path: str, started: float) -> dict:
-    """A job run's figures from its metrics.json, timed from `started` (Unix time)."""
+def _job_args(key: str, data: str, epochs: int, out_dir: str, storage: str, extra: list[str]) -> list[str]:
+    """jobs/train_mnist.py's flags for run `key`: its data, epochs, outputs and its own flags."""
+    return ["--data", os.path.abspath(data), "--epochs", str(epochs), "--output", out_dir, "--storage-path",
+            storage, "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *RUNS[key][2], *extra]
+
+
+def _job_figures(metrics_path: str, started: float) -> tuple[dict, list[dict]]:
+    """A job run's figures from its metrics.json, timed from `started` (Unix time); and its epochs."""
     with open(metrics_path) as f:
         metrics = json.load(f)
     history, cfg = metrics["epochs"], metrics["config"]
-    return dict(global_batch=cfg["batch_size"], lr_scaling=cfg.get("lr_scaling", "none"), history=history,
+    return dict(global_batch=cfg["batch_size"], lr_scaling=cfg.get("lr_scaling", "none"),
                 epoch_seconds=[h["seconds"] for h in history],
                 seconds_per_epoch=_steady([h["seconds"] for h in history]),
                 samples_per_second=_steady([h["samples_per_second"] for h in history]),
                 start_to_first_step_s=history[0]["first_step_unix"] - started,
                 peak_rss_mb=max(w["peak_rss_mb"] for w in metrics["workers"]),
                 learning_rates=[h["learning_rate"] for h in history],
-                test_accuracy=metrics["test_accuracy"], timeline=metrics["timeline"])
+                test_accuracy=metrics["test_accuracy"], timeline=metrics["timeline"]), history
 
 
 def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: list[str], output: str,
@@ -218,7 +223,7 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
     import tempfile
     import uuid
 
-    label, workers, flags = RUNS[key]
+    label, workers, _ = RUNS[key]
     out_dir, log = os.path.join(output, "runs", key), os.path.join(output, "logs", f"{key}.log")
     temp_dir = tempfile.mkdtemp(prefix="mnbench-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_TOKEN_PATH": os.path.join(temp_dir, "auth_token")}
@@ -233,9 +238,7 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         command = [ray, "job", "submit", "--address", f"http://127.0.0.1:{ports[1]}", "--working-dir", ".",
                    "--runtime-env", "jobs/runtime_env.yaml", "--submission-id", f"bench-{uuid.uuid4().hex[:8]}",
-                   "--", "python", "jobs/train_mnist.py", "--data", os.path.abspath(data), "--epochs", str(epochs),
-                   "--output", out_dir, "--storage-path", storage,
-                   "--run-name", f"bench-{key}-{time.strftime('%Y%m%d-%H%M%S')}", *flags, *extra]
+                   "--", "python", "jobs/train_mnist.py", *_job_args(key, data, epochs, out_dir, storage, extra)]
         started, code, _, _ = _timed_subprocess(command, log, timeout, env={**env, "RAY_AUTH_MODE": "token"})
         ended = time.time()
     finally:
@@ -246,8 +249,7 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
         raise BenchmarkError(f"run {key} ({label}) exited with {code}: {_last_line(log)} (log: {log})")
     run = {"key": key, "label": label, "workers": workers, "command": shlex.join(command), "log": log,
            "wall_s": ended - started, "console_lines": _line_count(log, skip=RAY_CLI_LINE)}
-    run.update(_job_figures(os.path.join(out_dir, "metrics.json"), started))
-    run.pop("history")
+    run.update(_job_figures(os.path.join(out_dir, "metrics.json"), started)[0])
     return run
 
 

@@ -1,9 +1,11 @@
 """The real job, end to end: local Ray, Ray Train workers, TensorFlow, on the committed sample."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,21 @@ def test_help_lists_the_flags():
     for flag in ("--data", "--num-workers", "--epochs", "--batch-size", "--learning-rate",
                  "--model", "--output", "--address", "--use-gpu"):
         assert flag in proc.stdout
+
+
+def test_a_run_whose_outputs_were_lost_is_evaluated_again_without_training(finished, tmp_path):
+    """Training finished but its published outputs are gone (a crash while saving): a rerun with the
+    same name evaluates the last checkpoint; its timeline has only this process's points."""
+    workers, output, _ = finished
+    if workers != 1:
+        pytest.skip("one worker count is enough")
+    run = read_metrics(output)["run"]
+    shutil.rmtree(Path(run["storage_path"]) / run["name"] / "model")
+    proc = run_job("--data", str(SAMPLE), "--num-workers", "1", "--epochs", str(EPOCHS), "--run-name", run["name"],
+                   "--storage-path", run["storage_path"], "--output", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run {run['name']} finished training; evaluating its last checkpoint" in proc.stdout
+    metrics = read_metrics(tmp_path)
+    assert metrics["test_accuracy"] == pytest.approx(read_metrics(output)["test_accuracy"], abs=1e-6)
+    assert list(metrics["timeline"]) == ["process_start", "evaluation_done", "outputs_written"]
+    assert "first training step" not in proc.stdout.splitlines()[-1]

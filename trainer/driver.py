@@ -77,14 +77,17 @@ def run(cfg: Config) -> dict:
         "run": {"name": run_name, "storage_path": storage, "checkpoint": final.path},
     }
     evaluation = report.evaluation_report(mnist.y_test, probs)
+    # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
+    worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
     published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, data.join(run_dir, PUBLISHED),
-                               marks, [w.get("timeline", {}) for w in workers])
+                               marks, worker_marks)
     print(report.format_report(evaluation), flush=True)
     print(f"test accuracy: {test_accuracy:.4f}", flush=True)
     print(f"model saved to {os.path.join(cfg.output, 'mnist.keras')} and mnist.h5 "
           f"(copies with metrics.json in {published})", flush=True)
-    print(f"done in {metrics['wall_seconds']:.1f}s; the first training step came at "
-          f"{metrics['timeline'].get('first_step', float('nan')):.1f}s (timeline in metrics.json)", flush=True)
+    first_step = metrics["timeline"].get("first_step")
+    print(f"done in {metrics['wall_seconds']:.1f}s" + (f"; the first training step came at {first_step:.1f}s"
+          if first_step is not None else "") + " (timeline in metrics.json)", flush=True)
     return metrics
 
 
