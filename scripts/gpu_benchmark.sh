@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-LOCAL_CPUS=$(( 4 * CPUS + 1 ))  # 4 workers x CPUS, + trainer/cluster.py DATA_CPUS: every count fits
+LOCAL_CPUS=$(( 4 * CPUS ))  # 4 workers x CPUS: every count fits
 echo "== CPU scaling: plain Keras ($CPUS threads) vs the job at $CPUS CPUs a worker (runs $SCALING_RUNS)"
 python scripts/benchmark.py "${SMOKE[@]}" "${DATA[@]}" --runs "$SCALING_RUNS" --output "$OUT/cpu" \
   --plain-args "--threads $CPUS" --job-args "--cpus-per-worker $CPUS --local-cpus $LOCAL_CPUS"

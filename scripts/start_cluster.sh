@@ -4,7 +4,7 @@
 #   bash scripts/start_cluster.sh                       # GCS on 6379, dashboard/jobs on 8265
 #   bash scripts/start_cluster.sh --num-cpus 8 -- --num-gpus 0   # after --: more `ray start` flags
 # Flags (or env): --port (MNIST_RAY_PORT, 6379), --dashboard-port (MNIST_RAY_DASHBOARD_PORT, 8265),
-# --num-cpus (MNIST_RAY_NUM_CPUS, cores + 1: one CPU for Ray Data beside the train workers),
+# --num-cpus (MNIST_RAY_NUM_CPUS, the cores),
 # --temp-dir (MNIST_RAY_TEMP_DIR, /tmp/mnist-ray-<port>: this cluster's sessions, logs and state),
 # --timeout (MNIST_RAY_START_TIMEOUT, 120 s to wait for the job server).
 # The token is $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (created
@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${MNIST_RAY_PORT:-6379}"
 DASHBOARD_PORT="${MNIST_RAY_DASHBOARD_PORT:-8265}"
-NUM_CPUS="${MNIST_RAY_NUM_CPUS:-$(( $(nproc) + 1 ))}"  # + trainer/cluster.py DATA_CPUS
+NUM_CPUS="${MNIST_RAY_NUM_CPUS:-$(nproc)}"
 TEMP_DIR="${MNIST_RAY_TEMP_DIR:-}"
 TIMEOUT="${MNIST_RAY_START_TIMEOUT:-120}"
 EXTRA=()

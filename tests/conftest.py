@@ -61,6 +61,16 @@ def read_metrics(output: Path) -> dict:
     return json.loads((output / "metrics.json").read_text())
 
 
+def assert_each_step_used_the_global_batch(metrics: dict, train_rows: int) -> None:
+    """From what the workers reported for every epoch, at whatever world size it ran: each step's
+    per-rank batches summed to the configured global batch, and the epoch's shards were disjoint
+    and covered the training rows."""
+    batch = metrics["config"]["batch_size"]
+    for epoch in metrics["epochs"]:
+        assert epoch["global_batch"] == batch and epoch["examples"] == epoch["steps"] * batch, epoch
+        assert epoch["global_rows_seen"] == train_rows and epoch["global_rows_duplicated"] == 0, epoch
+
+
 def gpu_count() -> int:
     """GPUs this machine has, as nvidia-smi lists them (0 without a driver)."""
     try:

@@ -3,13 +3,14 @@ import dataclasses
 import pytest
 
 from trainer.cli import build_parser, config_from_args, main
-from trainer.config import Config
+from trainer.config import Config, rank_batch, steps_per_epoch
 
 
 def test_defaults_are_the_tutorial_recipe():
     cfg = Config()
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.learning_rate) == ("mlp", 5, 128, 0.001)
-    assert cfg.num_workers == 2 and cfg.per_worker_batch == 64 and cfg.output == "models"
+    assert cfg.num_workers == 2 and not cfg.elastic and cfg.output == "models"
+    assert [rank_batch(cfg.batch_size, cfg.num_workers, r) for r in (0, 1)] == [64, 64]
 
 
 def test_config_is_frozen_and_round_trips_as_a_dict():
@@ -28,7 +29,14 @@ def test_unknown_keys_are_rejected():
     ({"num_workers": 0}, "num_workers must be at least 1"),
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"batch_size": 2, "num_workers": 3}, "smaller than num_workers"),
-    ({"batch_size": 128, "num_workers": 3}, "not divisible by num_workers 3"),
+    ({"batch_size": 3, "num_workers": (1, 4)}, "smaller than num_workers 4"),
+    ({"num_workers": (3, 2)}, "MIN must not exceed MAX"),
+    ({"num_workers": (0, 2)}, "num_workers must be at least 1"),
+    ({"num_workers": (1, 2, 3)}, "num_workers must be N or MIN-MAX"),
+    ({"num_workers": (2, "4")}, "num_workers must be N or MIN-MAX"),
+    ({"num_workers": "2-4"}, "num_workers must be a int | tuple"),
+    ({"num_workers": (2, 4), "per_worker_batch_size": 64}, "an elastic run keeps one global batch"),
+    ({"resize_interval_s": -1.0}, "resize_interval_s must be 0 or more"),
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"learning_rate": -1e-3}, "learning_rate must be positive"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
@@ -52,7 +60,7 @@ def test_cli_defaults_come_from_the_config():
 
 @pytest.mark.parametrize("argv, message", [
     (["--num-workers", "0"], "num_workers must be at least 1"),
-    (["--batch-size", "100", "--num-workers", "3"], "not divisible"),
+    (["--batch-size", "2", "--num-workers", "1-3"], "smaller than num_workers 3"),
     (["--learning-rate", "0"], "learning_rate must be positive"),
 ])
 def test_cli_exits_nonzero_with_one_line_before_starting_ray(argv, message, capsys):
@@ -82,9 +90,9 @@ def test_global_batch_is_fixed_unless_a_per_worker_batch_is_asked_for():
     assert [Config(num_workers=n).batch_size for n in (1, 2, 4)] == [128, 128, 128]
     assert [Config(num_workers=n, per_worker_batch_size=64).batch_size for n in (1, 2, 4)] == [64, 128, 256]
     cfg = Config(num_workers=4, per_worker_batch_size=64)
-    assert cfg.per_worker_batch == 64 and Config.from_dict(cfg.to_dict()) == cfg
+    assert rank_batch(cfg.batch_size, 4, 3) == 64 and Config.from_dict(cfg.to_dict()) == cfg
     cli = config_from_args(build_parser().parse_args(["--per-worker-batch-size", "512"]))
-    assert (cli.batch_size, cli.per_worker_batch) == (1024, 512)
+    assert (cli.batch_size, rank_batch(cli.batch_size, cli.num_workers, 0)) == (1024, 512)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -107,13 +115,32 @@ def test_cli_rejects_a_global_and_a_per_worker_batch_that_disagree(capsys):
 
 
 def test_learning_rate_scales_with_the_global_batch():
-    from trainer.lr_schedule import learning_rate, scaled_rate, steps_per_epoch
+    from trainer.lr_schedule import learning_rate, scaled_rate
 
     assert learning_rate(Config()) == 0.001  # the tutorial's plain float rate, unchanged
     assert scaled_rate(Config(batch_size=1024, lr_scaling="none")) == pytest.approx(0.001)
     assert scaled_rate(Config(batch_size=1024, lr_scaling="linear")) == pytest.approx(0.008)
     assert scaled_rate(Config(batch_size=512, lr_scaling="sqrt")) == pytest.approx(0.002)
-    assert steps_per_epoch(60_000, Config(batch_size=1024, num_workers=2)) == 58
+    assert steps_per_epoch(30_000, 1024, 2) == 58
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 7])
+def test_every_world_size_splits_the_same_global_batch(world):
+    """The remainder goes one example each to the first ranks; every rank runs the same steps."""
+    batches = [rank_batch(128, world, rank) for rank in range(world)]
+    assert sum(batches) == 128 and max(batches) - min(batches) <= 1 and batches == sorted(batches, reverse=True)
+    shard = 60_000 // world
+    assert all(steps_per_epoch(shard, 128, world) * b <= shard for b in batches)
+
+
+def test_elastic_worker_counts_parse_validate_and_round_trip():
+    cfg = config_from_args(build_parser().parse_args(["--num-workers", "2-4", "--resize-interval-s", "5"]))
+    assert (cfg.num_workers, cfg.elastic, cfg.min_workers, cfg.max_workers) == ((2, 4), True, 2, 4)
+    assert Config.from_dict({**cfg.to_dict(), "num_workers": [2, 4]}) == cfg  # as metrics.json holds it
+    assert Config(num_workers=(3, 3)).num_workers == 3  # MIN == MAX is a fixed count
+    assert config_from_args(build_parser().parse_args(["--num-workers", "3"])).num_workers == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--num-workers", "two"])
 
 
 def test_warm_up_ramps_per_step_then_holds_and_survives_checkpoint_and_save(tmp_path):

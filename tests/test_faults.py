@@ -1,7 +1,8 @@
-"""Faults really injected: a SIGKILLed worker, a SIGTERMed driver, a truncated checkpoint, a lost node.
+"""Faults really injected: a SIGKILLed worker, a SIGTERMed driver, a truncated checkpoint, a lost
+node; and elastic training (--num-workers MIN-MAX) shrinking on a lost node and growing on a new one.
 
 Each run is the real job on the committed sample with the same seed; epochs are made longer with a
-small batch so a fault lands mid-run. About five minutes in all on 2 cores.
+small batch so a fault lands mid-run. About eight minutes in all on 2 cores.
 """
 
 import json
@@ -12,7 +13,8 @@ import time
 
 import pytest
 
-from tests.conftest import SAMPLE, read_metrics, run_job, simulated_cluster
+from tests.conftest import SAMPLE, assert_each_step_used_the_global_batch, read_metrics, run_job, simulated_cluster
+from trainer.timeline import GREW, RERUN, SHRANK
 from tests.conftest import start_job as start_any_job
 
 RECIPE = ["--data", str(SAMPLE), "--epochs", "5", "--batch-size", "32", "--seed", "0"]
@@ -70,7 +72,7 @@ def undisturbed(tmp_path_factory):
 
 def assert_each_epoch_once_with_a_restart(metrics):
     epochs = metrics["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    assert [e["epoch"] for e in epochs] == list(range(1, metrics["config"]["epochs"] + 1))
     restarts = [e["epoch"] for e in epochs if e["restarted"]]
     assert len(restarts) == 1 and restarts[0] >= 2  # resumed from a checkpoint, not from epoch 0
     return restarts[0]
@@ -137,14 +139,20 @@ def test_truncated_checkpoint_gives_a_clear_error_and_overwrites_nothing(interru
     assert sorted(p.name for p in out.iterdir()) == ["mnist.keras"]
 
 
-def test_rerun_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, undisturbed):
-    rerun = run_job(*RECIPE, *interrupted["args"])
+def test_rerun_at_another_size_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, undisturbed):
+    """The run was interrupted at 2 workers; the rerun asks for 1 and continues from its checkpoint
+    (weights and optimizer state are replicated, so any world size restores them)."""
+    rerun = run_job(*RECIPE, *interrupted["args"], "--num-workers", "1")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
     assert "INFO" not in rerun.stdout + rerun.stderr  # Ray Train's own resume notices stay off the console
     metrics = read_metrics(interrupted["base"] / "out")
-    assert_each_epoch_once_with_a_restart(metrics)
-    assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.005
+    restart = assert_each_epoch_once_with_a_restart(metrics)
+    assert metrics["world_sizes"] == [2] * (restart - 1) + [1] * (6 - restart)
+    assert [(r["from"], r["to"], r["reason"]) for r in metrics["resizes"]] == [(2, 1, RERUN)]
+    assert "resized from 2 to 1 workers" in rerun.stdout
+    assert_each_step_used_the_global_batch(metrics, 3000)
+    assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.015
 
     keras_file = interrupted["base"] / "out" / "mnist.keras"
     before = keras_file.stat().st_mtime_ns
@@ -155,14 +163,14 @@ def test_rerun_resumes_the_interrupted_run_then_refuses_to_retrain(interrupted, 
 
 @pytest.fixture
 def four_node_cluster():
-    """A CPU-less head and four 1-CPU nodes: 2 workers + 1 CPU for Ray Data, and one node to spare."""
+    """A CPU-less head and four 1-CPU nodes: 2 workers, and nodes to spare."""
     with simulated_cluster(head_cpus=0, node_cpus=[1, 1, 1, 1]) as cluster:
         yield cluster
 
 
 def test_lost_node_restarts_the_group_on_the_remaining_nodes(tmp_path, four_node_cluster, undisturbed):
-    """2 workers SPREAD over 1-CPU nodes (+1 CPU for Ray Data); the node of rank 1 is removed
-    without grace after epoch 2, leaving 3 CPUs: enough to restart from the checkpoint."""
+    """2 workers SPREAD over 1-CPU nodes; the node of rank 1 is removed without grace after
+    epoch 2, leaving 3 CPUs: enough to restart from the checkpoint."""
     proc = start_job("--address", four_node_cluster.address, "--placement-strategy", "SPREAD",
                      "--max-failures", "1", "--collective-timeout-s", "30", "--run-name", "node",
                      "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "out"))
@@ -177,3 +185,55 @@ def test_lost_node_restarts_the_group_on_the_remaining_nodes(tmp_path, four_node
     assert assert_each_epoch_once_with_a_restart(metrics) >= 3
     assert lost not in [w["node_id"] for w in metrics["workers"]]
     assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.005
+
+
+# ---------------------------------------------------------------------------- elastic training
+
+def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_path, undisturbed):
+    """--num-workers 1-3 on a CPU-less head and three 1-CPU nodes starts 3 workers; rank 1's node is
+    removed without grace once epoch 2 is checkpointed, and Ray Train restarts on the 2 that fit."""
+    with simulated_cluster(head_cpus=0, node_cpus=[1, 1, 1]) as cluster:
+        proc = start_job("--address", cluster.address, "--num-workers", "1-3", "--max-failures", "1",
+                         "--collective-timeout-s", "30", "--run-name", "shrink",
+                         "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "out"))
+        checkpoint_dir = wait_for_epoch(tmp_path / "runs" / "shrink", 2, proc)
+        with open(os.path.join(checkpoint_dir, "workers", "rank-1.json")) as f:
+            lost = json.load(f)["node_id"]
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == lost), allow_graceful=False)
+        code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    metrics = read_metrics(tmp_path / "out")
+    restart = assert_each_epoch_once_with_a_restart(metrics)
+    assert metrics["world_sizes"] == [3] * (restart - 1) + [2] * (6 - restart)
+    (resize,) = metrics["resizes"]
+    assert (resize["after_epoch"], resize["from"], resize["to"], resize["reason"]) == (restart - 1, 3, 2, SHRANK)
+    assert f"resized from 3 to 2 workers after epoch {restart - 1}" in out
+    assert lost not in [w["node_id"] for w in metrics["workers"]]
+    assert_each_step_used_the_global_batch(metrics, 3000)  # at 3 workers (11+11+10) and at 2 (16+16)
+    assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.015
+    print(f"shrink: {resize}; test accuracy {metrics['test_accuracy']:.4f} against "
+          f"{undisturbed['test_accuracy']:.4f} undisturbed")
+
+
+def test_elastic_run_grows_onto_a_new_node_without_spending_a_failure(tmp_path):
+    """--num-workers 2-3 on two 1-CPU nodes starts 2 workers; a third node joins during epoch 2.
+    Ray Train sees it within its resource view's 20 s refresh plus the resize interval, restarts
+    on 3 workers from the latest checkpoint, and --max-failures 0 still holds: growth is no failure.
+    Batch 8 makes epochs long enough (about 3 s each here) for the growth to land mid-run."""
+    with simulated_cluster(head_cpus=0, node_cpus=[1, 1]) as cluster:
+        proc = start_any_job("--data", str(SAMPLE), "--epochs", "8", "--batch-size", "8", "--seed", "0",
+                             "--address", cluster.address, "--num-workers", "2-3", "--resize-interval-s", "2",
+                             "--max-failures", "0", "--run-name", "grow", "--storage-path", str(tmp_path / "runs"),
+                             "--output", str(tmp_path / "out"))
+        wait_for_epoch(tmp_path / "runs" / "grow", 1, proc)
+        cluster.add_node(node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=1)
+        code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    metrics = read_metrics(tmp_path / "out")
+    restart = assert_each_epoch_once_with_a_restart(metrics)
+    assert metrics["world_sizes"] == [2] * (restart - 1) + [3] * (9 - restart)
+    (resize,) = metrics["resizes"]
+    assert (resize["from"], resize["to"], resize["reason"]) == (2, 3, GREW)
+    assert "resized from 2 to 3 workers" in out
+    assert_each_step_used_the_global_batch(metrics, 3000)  # at 2 workers (4+4) and at 3 (3+3+2)
+    print(f"grow: {resize}")

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from tests.conftest import read_metrics, run_job
+from tests.conftest import assert_each_step_used_the_global_batch, read_metrics, run_job
 
 WORKER_COUNTS = (1, 2, 4)
 ONE_RUN_FLOOR = 0.975
@@ -29,13 +29,14 @@ def accuracies(full_mnist, tmp_path_factory):
     for workers in WORKER_COUNTS:
         output = tmp_path_factory.mktemp(f"full{workers}")
         proc = run_job("--data", full_mnist, "--num-workers", str(workers), "--output", str(output),
-                       "--local-cpus", str(max(WORKER_COUNTS) + 1), timeout=1500)
+                       "--local-cpus", str(max(WORKER_COUNTS)), timeout=1500)
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = read_metrics(output)
         assert len(metrics["epochs"]) == 5 and metrics["config"]["batch_size"] == 128
         shards = metrics["workers"]
         assert {w["rows"] for w in shards} == {60000 // workers} and len({w["index_sha256"] for w in shards}) == workers
         assert all(w["global_rows_seen"] == 60000 and w["global_rows_duplicated"] == 0 for w in shards)
+        assert_each_step_used_the_global_batch(metrics, 60000)  # 128 at every worker count
         results[workers] = metrics["test_accuracy"]
     print(f"full MNIST test accuracy by worker count: {results}")
     return results

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, gpu_count, read_metrics, run_job
+from tests.conftest import ROOT, SAMPLE, assert_each_step_used_the_global_batch, gpu_count, read_metrics, run_job
 
 SAMPLE_TRAIN_ROWS = 3000
 EPOCHS = 5  # under a second each on the sample: about 0.91 test accuracy
@@ -20,7 +20,7 @@ WORKER_COUNTS = (1, 2)  # 4 workers run on full MNIST (tests/test_full_mnist.py)
 def finished(request, tmp_path_factory):
     output = tmp_path_factory.mktemp(f"out{request.param}")
     proc = run_job("--data", str(SAMPLE), "--num-workers", str(request.param), "--epochs", str(EPOCHS),
-                   "--local-cpus", str(max(WORKER_COUNTS) + 1), "--output", str(output))  # +1: Ray Data
+                   "--local-cpus", str(max(WORKER_COUNTS)), "--output", str(output))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return request.param, output, proc
 
@@ -70,6 +70,7 @@ def test_workers_trained_on_disjoint_equal_shards_covering_the_sample(finished):
     assert len({s["index_sha256"] for s in shards}) == workers
     assert all(s["global_rows_seen"] == SAMPLE_TRAIN_ROWS for s in shards)  # cover
     assert all(s["global_rows_duplicated"] == 0 for s in shards)  # disjoint
+    assert_each_step_used_the_global_batch(read_metrics(output), SAMPLE_TRAIN_ROWS)
 
 
 def test_saved_model_loads_in_a_fresh_process_and_matches_metrics(finished):
@@ -113,7 +114,7 @@ def test_a_worker_count_the_cluster_cannot_fit_fails_fast(tmp_path):
                    str(tmp_path), timeout=120)  # --local-cpus: 8 would fit on a 16-core machine
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: asked for 8 workers x 1 CPU (+1 CPU for Ray Data); the cluster has 3 CPUs and 0 GPUs. "
+        "error: asked for 8 workers x 1 CPU; the cluster has 3 CPUs and 0 GPUs. "
         "Use fewer --num-workers or --cpus-per-worker, or a bigger cluster")
     assert time.monotonic() - started < 60
     assert not (tmp_path / "mnist.keras").exists()

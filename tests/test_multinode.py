@@ -4,7 +4,7 @@ from tests.conftest import SAMPLE, read_metrics, run_job, simulated_cluster
 
 
 def test_spread_puts_one_worker_on_each_node_and_trains(tmp_path):
-    # The head's second CPU is for Ray Data's read tasks; SPREAD still puts one worker per node.
+    # The head has 2 CPUs, the other node 1; SPREAD still puts one worker on each node.
     with simulated_cluster(head_cpus=2, node_cpus=[1]) as cluster:
         nodes = {n.node_id for n in [cluster.head_node, *cluster.worker_nodes]}
         proc = run_job("--address", cluster.address, "--data", str(SAMPLE), "--num-workers", "2",

@@ -1,8 +1,9 @@
 """Scheduled retraining end to end: real jobs/retrain.py processes, a local Ray, the committed sample.
 
-One store goes through a night's worth of history (3 trainings, about 4 minutes on 2 cores):
+One store goes through a night's worth of history (5 trainings, about 6 minutes on 2 cores):
 two runs started at once (one trains v1, the other exits), v2 on changed data and a better recipe,
-a worse run the gate rejects, and an unchanged rerun that trains nothing.
+a worse run the gate rejects, an unchanged rerun that trains nothing, then two --warm-start cycles:
+one kept (its parent v2), one the gate rejects.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def night(tmp_path_factory):
     steps["worse_versions"] = versions(store)
     # Nothing changed since v2: no training.
     steps["unchanged"] = finish(start(store, *v2_args), timeout=180)
+    steps["unchanged_versions"] = versions(store)
+    # Warm start from the current version (v2), one epoch on the whole sample: kept by the gate
+    # (a loose tolerance: this test is about lineage; the gate's margin is tested above).
+    steps["warm"] = finish(start(store, "--data", str(SAMPLE), "--warm-start", "--warm-epochs", "1",
+                                 "--num-workers", "2", "--tolerance", "0.05"))
+    steps["warm_versions"] = versions(store)
+    # Warm again at a learning rate that wrecks the weights: the gate still rejects it.
+    steps["wrecked"] = finish(start(store, "--data", str(SAMPLE), "--warm-start", "--warm-epochs", "1",
+                                    "--num-workers", "1", "--learning-rate", "0.5"))
+    steps["wrecked_versions"] = versions(store)
     steps["list"] = finish(start(store, "--list"), timeout=60)
     return store, changed, tiny, steps
 
@@ -138,7 +149,29 @@ def test_an_unchanged_rerun_trains_nothing_and_exits_0(night):
     assert code == 0, out[-3000:]
     assert "nothing changed since the current version" in out
     assert "test accuracy" not in out  # no training, no evaluation
-    assert versions(store) == steps["worse_versions"]
+    assert steps["unchanged_versions"] == steps["worse_versions"]
+
+
+def test_a_warm_start_cycle_records_its_parent_and_the_gate_still_rejects_a_worse_one(night):
+    store, _, _, steps = night
+    code, out = steps["warm"]
+    assert code == 0, out[-4000:]
+    v2 = steps["v2_versions"][-1]
+    (warm,) = sorted(set(steps["warm_versions"]) - set(steps["worse_versions"]))
+    first = record(store, warm)
+    assert first["parent"] == v2 and first["decision"] == "passed"
+    assert first["config"]["init_from"] == "store:current" and first["config"]["epochs"] == 1
+    assert f"starting from {v2}" in out and f"init: weights from {store / 'versions' / v2 / 'mnist.keras'}" in out
+    metrics = json.loads((store / "versions" / warm / "metrics.json").read_text())
+    assert metrics["init"] == {"from": str(store / "versions" / v2 / "mnist.keras"), "version": v2, "optimizer": False}
+    cold = json.loads((store / "versions" / steps["v1"][0] / "metrics.json").read_text())
+    assert metrics["epochs"][0]["loss"] < cold["epochs"][0]["loss"] / 2  # v1's first epoch was a cold start
+
+    code, out = steps["wrecked"]
+    assert code == 3, out[-4000:]
+    (wrecked,) = sorted(set(steps["wrecked_versions"]) - set(steps["warm_versions"]))
+    second = record(store, wrecked)
+    assert second["parent"] == warm and second["decision"] == "rejected" and current(store) == warm
 
 
 def test_list_shows_every_version_with_its_status(night):
@@ -146,7 +179,10 @@ def test_list_shows_every_version_with_its_status(night):
     code, out = steps["list"]
     assert code == 0, out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
-    v1, v2, worse = steps["worse_versions"]
-    assert "promoted earlier" in rows[v1] and "current" in rows[v2] and "rejected" in rows[worse]
+    v1, v2, worse, warm, wrecked = steps["wrecked_versions"]
+    assert "promoted earlier" in rows[v1] and "promoted earlier" in rows[v2] and "rejected" in rows[worse]
+    assert "current" in rows[warm] and "rejected" in rows[wrecked]
+    column = out.splitlines()[0].index("PARENT")
+    assert [rows[v][column:].split()[0] for v in (v1, v2, warm, wrecked)] == ["-", "-", v2, warm]
     assert record(store, v2)["data"]["content_sha256"][:12] in rows[v2]
     print(out)  # shown with -s: the README's example listing

@@ -50,7 +50,7 @@ def child(script: str, *args: str, **kwargs) -> subprocess.Popen:
 
 def add_version(store: Store, decision: str = PASSED, accuracy: float = 0.98,
                 data_sha256: str = "a" * 64, model=None, when: datetime | None = None,
-                config: dict | None = None) -> str:
+                config: dict | None = None, parent: str | None = None) -> str:
     """Register a version as retrain does; dummy model files unless a Keras model is given."""
     vid = new_version_id(when)
     staging = store.new_staging(vid)
@@ -66,7 +66,7 @@ def add_version(store: Store, decision: str = PASSED, accuracy: float = 0.98,
         json.dump({"test_accuracy": accuracy}, f)
     store.register(vid, {"version": vid, "decision": decision, "reason": f"{decision} on purpose",
                          "test_accuracy": accuracy, "started": iso(when or utc_now()),
-                         "data": {"content_sha256": data_sha256}, "config": config or {}})
+                         "data": {"content_sha256": data_sha256}, "config": config or {}, "parent": parent})
     if decision == PASSED:
         store.promote(vid)
     return vid
@@ -278,10 +278,31 @@ def test_rollback_moves_current_and_the_loaded_model_predicts_as_that_version_di
         np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), old_predictions)
 
 
+def test_a_version_whose_parent_was_rejected_or_rolled_back_is_still_valid(store, capsys):
+    base = add_version(store, accuracy=0.975, when=at(2))
+    rejected = add_version(store, REJECTED, accuracy=0.90, when=at(3), parent=base)
+    child = add_version(store, accuracy=0.980, when=at(4), parent=rejected)  # --init-from store:<rejected>
+    grandchild = add_version(store, accuracy=0.981, when=at(5), parent=child)
+    assert retrain.main(["--store", store.root, "--rollback", base]) == 0  # past the whole line
+    assert retrain.main(["--store", store.root, "--rollback", child]) == 0  # its parent was rejected
+    assert store.current_id() == child
+    capsys.readouterr()
+    assert retrain.main(["--store", store.root, "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].index("PARENT")  # the table's columns are aligned
+    parents = {line.split()[0]: line[column:].split()[0] for line in lines[1:]}
+    assert parents == {base: "-", rejected: base, child: rejected, grandchild: child}
+
+
 def test_retrain_refuses_flags_it_sets_itself(store, capsys):
     assert retrain.main(["--store", store.root, "--output", "elsewhere"]) == 2
     assert "--output is chosen by retrain" in capsys.readouterr().err
     assert retrain.main(["--store", store.root, "--tolerance", "-1"]) == 2
+    assert retrain.main(["--store", store.root, "--warm-start", "--init-from", "x.keras"]) == 2
+    assert "--warm-start starts from the store's current version" in capsys.readouterr().err
+    assert retrain.main(["--store", store.root, "--warm-start", "--warm-epochs", "0"]) == 2
+    assert retrain.main(["--data", str(SAMPLE)]) == 2
+    assert "--store DIR is required" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the lock

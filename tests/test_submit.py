@@ -185,14 +185,14 @@ def test_submitted_job_succeeds_and_publishes_the_model_to_the_storage_path(clus
 @pytest.mark.timeout(300)
 def test_submitted_job_with_bad_arguments_fails_with_a_one_line_error(cluster, tmp_path):
     submission_id, result, _ = submit(cluster, [
-        "--data", "tests/data/mnist_sample.npz", "--batch-size", "3", "--num-workers", "2",
+        "--data", "tests/data/mnist_sample.npz", "--batch-size", "1", "--num-workers", "2",
         "--storage-path", str(tmp_path / "runs")], timeout=240)
     assert result.returncode != 0
     assert job_status(cluster, submission_id) == "FAILED"
     logs = job_logs(cluster, submission_id)
     errors = [line for line in logs if line.startswith("error: ")]
-    assert errors == ["error: batch_size 3 is not divisible by num_workers 2: "
-                      "the global batch is split evenly across workers"], logs[-10:]
+    assert errors == ["error: batch_size 1 is smaller than num_workers 2: "
+                      "every worker needs at least one example per step"], logs[-10:]
     assert not any("Traceback" in line for line in logs)
 
 

@@ -7,7 +7,7 @@ import time
 
 from tests.conftest import ROOT
 from trainer.quiet import stderr_to
-from trainer.timeline import POINTS, format_timeline, merge, process_start_time
+from trainer.timeline import GREW, POINTS, RERUN, SHRANK, format_timeline, merge, process_start_time, resizes
 
 
 def test_process_start_time_is_when_the_process_began():
@@ -53,3 +53,17 @@ def test_stderr_to_restores_fd_2_when_the_block_raises(tmp_path):
         pass
     after = os.fstat(2)
     assert (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
+
+
+def test_resizes_name_each_change_of_world_size_and_why():
+    def epoch(n, world, launch="a", start=None):
+        return {"epoch": n, "world_size": world, "launch": launch, "first_step_unix": start or 10.0 * n, "seconds": 2.0}
+
+    history = [epoch(1, 3), epoch(2, 3), epoch(3, 2, start=50.0), epoch(4, 3, start=70.0), epoch(5, 1, launch="b", start=100.0)]
+    assert resizes(history) == [
+        {"after_epoch": 2, "from": 3, "to": 2, "reason": SHRANK, "at_unix": 50.0, "gap_seconds": 28.0},
+        {"after_epoch": 3, "from": 2, "to": 3, "reason": GREW, "at_unix": 70.0, "gap_seconds": 18.0},
+        {"after_epoch": 4, "from": 3, "to": 1, "reason": RERUN, "at_unix": 100.0, "gap_seconds": 28.0},
+    ]
+    assert resizes([epoch(1, 2), epoch(2, 2, launch="b")]) == [] and resizes([]) == []
+    assert resizes([{"epoch": 1, "seconds": 1.0, "first_step_unix": 1.0}, epoch(2, 2)]) == []  # an older run's record

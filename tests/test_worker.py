@@ -84,4 +84,5 @@ def test_progress_line_estimates_the_time_left_from_the_median_epoch():
     history = [{"seconds": 9.0}, {"seconds": 2.0}, {"seconds": 2.5}]
     record = {"epoch": 3, "loss": 0.12345, "accuracy": 0.9612, "samples_per_second": 12000.4, "seconds": 2.5}
     assert progress_line(record, 5, history) == (
-        "epoch 3/5  loss 0.1235  accuracy 0.9612  12,000 samples/s  2.5s  ~5s left")
+        "epoch 3/5  1 worker  loss 0.1235  accuracy 0.9612  12,000 samples/s  2.5s  ~5s left")
+    assert progress_line({**record, "world_size": 3}, 5, history).startswith("epoch 3/5  3 workers  loss")

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.cluster import ClusterError
     from trainer.data import DataError
     from trainer.driver import TrainingError, run
+    from trainer.store import StoreError
 
     try:
         run(cfg)
-    except (DataError, ClusterError, CheckpointError, TrainingError, ValueError) as exc:
+    except (DataError, ClusterError, CheckpointError, TrainingError, StoreError, ValueError) as exc:
         return fail(str(exc), code=1)
     except KeyboardInterrupt:
         return fail("interrupted; the latest checkpoint is kept: rerun with the same --run-name "

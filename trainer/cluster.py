@@ -14,7 +14,6 @@ import time
 
 from trainer.config import Config
 
-DATA_CPUS = 1  # kept free for Ray Data's read tasks: with every CPU held by workers they never run
 QUIET_ENV = {  # library chatter off the console (it stays in Ray's log files); --verbose keeps it
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOG_LEVEL": "ERROR",  # not even its "progress bars disabled" notice
@@ -63,8 +62,9 @@ def connect(ray, cfg: Config) -> None:
         return
     if not cfg.verbose:  # Ray 2.60 turns token auth on for a local Ray and says so, as a WARNING
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # One logical CPU beyond the cores for Ray Data: its read tasks run before training starts.
-    ray.init(address="local", num_cpus=cfg.local_cpus or (os.cpu_count() or 1) + DATA_CPUS,
+    # No CPU kept back for Ray Data: the driver hands it tables already in the object store
+    # (ray.data.from_arrow), so splitting them runs no tasks, even with every CPU held by a worker.
+    ray.init(address="local", num_cpus=cfg.local_cpus or os.cpu_count() or 1,
              num_gpus=None if cfg.use_gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level)
 
@@ -104,7 +104,7 @@ def check_fits(ray, cfg: Config) -> None:
         from ray.autoscaler.sdk import request_resources
 
         worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-        request_resources(bundles=[worker] * cfg.num_workers + [{"CPU": DATA_CPUS}])
+        request_resources(bundles=[worker] * cfg.max_workers)
         print(f"waiting up to {cfg.resource_wait_s:g}s for the autoscaler: {problem}", flush=True)
         while problem and time.monotonic() < deadline:
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
@@ -116,15 +116,16 @@ def check_fits(ray, cfg: Config) -> None:
 
 
 def shortfall(total: dict, cfg: Config) -> str | None:
-    """Why `total` cannot hold the workers plus Ray Data's CPU, or None when it can."""
-    asked = (f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPU"
-             + (" + 1 GPU" if cfg.use_gpu else "") + f" (+{DATA_CPUS} CPU for Ray Data)")
+    """Why `total` cannot hold the workers (an elastic run's minimum), or None when it can."""
+    need = cfg.min_workers
+    asked = (f"{'at least ' if cfg.elastic else ''}{need} workers x {cfg.cpus_per_worker} CPU"
+             + (" + 1 GPU" if cfg.use_gpu else ""))
     has = f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
     if cfg.use_gpu and total.get("GPU", 0) < 1:
         return f"--use-gpu asked for {asked}, but the cluster has no GPUs ({has})"
-    if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
+    if cfg.use_gpu and total.get("GPU", 0) < need:
         return f"asked for {asked}; the cluster has {has}"
-    if total.get("CPU", 0) < cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS:
+    if total.get("CPU", 0) < need * cfg.cpus_per_worker:
         return (f"asked for {asked}; the cluster has {has}. Use fewer --num-workers "
                 "or --cpus-per-worker, or a bigger cluster")
     return None

@@ -15,8 +15,21 @@ PLACEMENTS = ("PACK", "SPREAD")
 LR_SCALINGS = ("none", "linear", "sqrt")
 # Each annotation a Config field may have: (the type a flag's text parses to, whether None is allowed).
 # The CLI and the validation both read it; a field with any other annotation fails at import.
+
+
+def parse_workers(text: str) -> int | tuple[int, int]:
+    """--num-workers: '4' is a fixed 4 workers; '2-4' is elastic, between 2 and 4 (a ValueError if neither)."""
+    low, dash, high = str(text).strip().partition("-")
+    if not dash:
+        return int(low)
+    return int(low), int(high)
+
+
+parse_workers.__name__ = "N or MIN-MAX"  # what argparse's "invalid ... value" message calls it
 FIELD_TYPES = {"int": (int, False), "float": (float, False), "bool": (bool, False), "str": (str, False),
-               "int | None": (int, True), "float | None": (float, True), "str | None": (str, True)}
+               "int | None": (int, True), "float | None": (float, True), "str | None": (str, True),
+               "int | tuple[int, int]": (parse_workers, False)}
+INSTANCE_OF = {float: (int, float), parse_workers: (int, tuple)}  # what a parsed value may be, where not its parser
 BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning rate's reference
 TENSORBOARD_SCHEMES = ("file", "gs")  # what tf.summary can write to in a stock TensorFlow
 
@@ -55,8 +68,9 @@ class Config:
     model: str = _opt("mlp", "mlp: Dense(512)+Dense(10) (tutorial); cnn: small convnet", choices=MODELS, shapes=WEIGHTS)
     epochs: int = _opt(5, "training epochs", shapes=RESULT)
     batch_size: int | None = _opt(
-        None, f"global batch size, split evenly across workers (default: {BASE_BATCH_SIZE}, the "
-        "tutorial's, whatever the worker count; or --per-worker-batch-size x --num-workers)", shapes=WEIGHTS)
+        None, f"global batch size, split across the workers, any remainder one example each to the first "
+        f"ranks (default: {BASE_BATCH_SIZE}, the tutorial's, whatever the worker count; or "
+        "--per-worker-batch-size x --num-workers)", shapes=WEIGHTS)
     per_worker_batch_size: int | None = _opt(
         None, "batch per worker instead of a fixed global batch: the global batch grows with the workers", shapes=RESULT)
     learning_rate: float = _opt(
@@ -68,8 +82,20 @@ class Config:
         0, "ramp the learning rate linearly, every step, from --learning-rate to the scaled rate "
         "over these first epochs (needs --lr-scaling)", shapes=WEIGHTS)
     seed: int = _opt(0, "seed for weight init and shuffling", shapes=WEIGHTS)
+    init_from: str | None = _opt(
+        None, "start from a trained model's weights instead of random ones: a .keras or .h5 file, "
+        "or store:current / store:VERSION from --store (see trainer/warm.py)", shapes=RESULT)
+    init_optimizer: bool = _opt(False, "with --init-from: also start from its RMSprop state "
+                                "(a .keras file keeps it); else the optimizer starts fresh", shapes=RESULT)
+    store: str | None = _opt(None, "a model store directory (mnist-retrain's): where --init-from "
+                             "store:... looks; mnist-retrain requires it")
     # Cluster.
-    num_workers: int = _opt(2, "Ray Train workers (one model replica each)", shapes=RESULT)
+    num_workers: int | tuple[int, int] = _opt(
+        2, "Ray Train workers (one model replica each): N, or MIN-MAX to train elastically, on as many "
+        "as the cluster holds and growing or shrinking while the run goes (see docs/operations.md)", shapes=RESULT)
+    resize_interval_s: float = _opt(
+        60.0, "with --num-workers MIN-MAX: seconds between Ray Train's checks for room to grow "
+        "(each resize restarts the workers from the latest checkpoint)")
     cpus_per_worker: int = _opt(1, "CPUs reserved per worker; also TensorFlow's thread count")
     use_gpu: bool = _opt(False, "one GPU per worker", shapes=RESULT)
     placement_strategy: str = _opt(
@@ -77,7 +103,7 @@ class Config:
     address: str | None = _opt(
         None, "Ray cluster to join ('auto' or host:port) (default: $RAY_ADDRESS, else a local Ray)")
     local_cpus: int | None = _opt(
-        None, "logical CPUs of the local Ray (default: this machine's cores + 1 for Ray Data)")
+        None, "logical CPUs of the local Ray (default: this machine's cores)")
     resource_wait_s: float = _opt(
         0.0, "on an autoscaling cluster: seconds to wait for room for the workers (asking the "
         "autoscaler for it) before failing; 0 fails at once")
@@ -101,6 +127,9 @@ class Config:
                          "and C++ notices), which otherwise go only to Ray's log files")
 
     def __post_init__(self):
+        if isinstance(self.num_workers, (list, tuple)):  # from JSON a list; MIN-MAX with MIN == MAX is fixed
+            span = tuple(self.num_workers)
+            object.__setattr__(self, "num_workers", span[0] if len(span) == 2 and span[0] == span[1] else span)
         if self.batch_size is None:  # resolved once, here: per-worker batch x workers, else the tutorial's
             object.__setattr__(self, "batch_size", _default_batch_size(self))
         problems = list(_problems(self))
@@ -110,8 +139,16 @@ class Config:
             object.__setattr__(self, "tensorboard_dir", os.path.abspath(self.tensorboard_dir))
 
     @property
-    def per_worker_batch(self) -> int:
-        return self.batch_size // self.num_workers
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +166,16 @@ if _untyped:
     raise TypeError(f"Config fields with an annotation FIELD_TYPES lacks: {', '.join(_untyped)}")
 
 
+def rank_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """Rank `rank`'s share of the global batch: equal parts, the remainder one each to the first ranks."""
+    return global_batch // world_size + (rank < global_batch % world_size)
+
+
+def steps_per_epoch(shard_rows: int, global_batch: int, world_size: int) -> int:
+    """Steps every worker runs per epoch on equal shards: as many as the largest per-rank batch allows."""
+    return shard_rows // rank_batch(global_batch, world_size, 0)
+
+
 def _default_batch_size(cfg: Config) -> int:
     if type(cfg.per_worker_batch_size) is int and type(cfg.num_workers) is int:  # else _problems says
         return cfg.per_worker_batch_size * cfg.num_workers
@@ -140,7 +187,7 @@ def _problems(cfg: Config):
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         parse, optional = FIELD_TYPES[f.type]
-        expected = (int, float) if parse is float else parse
+        expected = INSTANCE_OF.get(parse, parse)
         if not (value is None and optional) and (not isinstance(value, expected) or
                                                  (parse is not bool and isinstance(value, bool))):
             yield f"{f.name} must be a {f.type}, got {value!r}"
@@ -150,17 +197,23 @@ def _problems(cfg: Config):
     per_worker = cfg.per_worker_batch_size
     if per_worker is not None and per_worker < 1:
         yield f"per_worker_batch_size must be at least 1, got {per_worker}"
-    elif per_worker is not None and cfg.batch_size != per_worker * cfg.num_workers:
+    elif per_worker is not None and not cfg.elastic and cfg.batch_size != per_worker * cfg.num_workers:
         yield (f"give batch_size (global) or per_worker_batch_size, not both: batch_size "
                f"{cfg.batch_size} is not {per_worker} x {cfg.num_workers} workers")
-    if cfg.num_workers < 1:
-        yield f"num_workers must be at least 1, got {cfg.num_workers}"
-    elif cfg.batch_size < cfg.num_workers:
-        yield (f"batch_size {cfg.batch_size} is smaller than num_workers {cfg.num_workers}: "
+    if cfg.elastic and not (len(cfg.num_workers) == 2 and all(type(n) is int for n in cfg.num_workers)):
+        yield f"num_workers must be N or MIN-MAX, got {cfg.num_workers!r}"
+    elif cfg.min_workers < 1:
+        yield f"num_workers must be at least 1, got {cfg.min_workers}"
+    elif cfg.min_workers > cfg.max_workers:
+        yield f"num_workers {cfg.min_workers}-{cfg.max_workers}: MIN must not exceed MAX"
+    elif cfg.batch_size < cfg.max_workers:
+        yield (f"batch_size {cfg.batch_size} is smaller than num_workers {cfg.max_workers}: "
                "every worker needs at least one example per step")
-    elif cfg.batch_size % cfg.num_workers:
-        yield (f"batch_size {cfg.batch_size} is not divisible by num_workers {cfg.num_workers}: "
-               "the global batch is split evenly across workers")
+    elif cfg.elastic and per_worker is not None:
+        yield ("per_worker_batch_size grows the global batch with the worker count; an elastic run "
+               "keeps one global batch at every size: give --batch-size")
+    if cfg.resize_interval_s < 0:
+        yield f"resize_interval_s must be 0 or more, got {cfg.resize_interval_s}"
     if not cfg.learning_rate > 0:
         yield f"learning_rate must be positive, got {cfg.learning_rate}"
     if cfg.lr_scaling not in LR_SCALINGS:
@@ -169,6 +222,12 @@ def _problems(cfg: Config):
         yield f"warmup_epochs must be 0 or more, got {cfg.warmup_epochs}"
     elif cfg.warmup_epochs and cfg.lr_scaling == "none":
         yield "warmup_epochs ramps up to a scaled learning rate: give --lr-scaling linear or sqrt too"
+    if cfg.init_from is not None and not cfg.init_from.strip():
+        yield "init_from must name a model file or store:current, got an empty string"
+    elif cfg.init_from and cfg.init_from.startswith("store:") and not cfg.store:
+        yield f"--init-from {cfg.init_from} reads a model store: give --store DIR too"
+    if cfg.init_optimizer and not cfg.init_from:
+        yield "--init-optimizer loads the optimizer state of the --init-from model: give --init-from too"
     if cfg.model not in MODELS:
         yield f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}"
     if cfg.cpus_per_worker < 1:

@@ -15,9 +15,10 @@ import json
 import os
 import signal
 import time
+import uuid
 
 from trainer import checkpoint, cluster, data, quiet, timeline
-from trainer.config import WEIGHTS, Config, fields_shaping
+from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
 DATA_DIR = "_prepared_data"  # under the storage path, beside the runs
@@ -35,14 +36,15 @@ def run(cfg: Config) -> dict:
     cluster.prepare_environment(cfg)  # before anything imports Ray (a resumed run's checkpoint lookup does)
     if cluster.address(cfg):
         cluster.check_reachable(cluster.address(cfg))
+    start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
     storage = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
     run_dir = data.join(storage, run_name)
     parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), data.join(storage, DATA_DIR))
     train_rows = manifest["splits"]["train"]["rows"]
-    if train_rows // cfg.num_workers < cfg.per_worker_batch:
-        raise ValueError(f"{train_rows} training rows split over {cfg.num_workers} workers is less "
-                         f"than one batch of {cfg.per_worker_batch} per worker; use a smaller --batch-size")
+    if steps_per_epoch(train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
+        raise ValueError(f"{train_rows} training rows split over {cfg.max_workers} workers is less than one "
+                         f"batch of {rank_batch(cfg.batch_size, cfg.max_workers, 0)} per worker; use a smaller --batch-size")
     print(f"data: {parquet_dir} ({train_rows} train / {manifest['splits']['test']['rows']} test rows, "
           f"sha256 {manifest['content_sha256'][:12]})", flush=True)
 
@@ -58,7 +60,7 @@ def run(cfg: Config) -> dict:
         final = latest[0]
     else:
         print(f"run: {run_name} in {storage} (rerun with --run-name {run_name} to resume)", flush=True)
-        final = _train(cfg, parquet_dir, train_rows, storage, run_name, marks).checkpoint
+        final = _train(cfg, parquet_dir, train_rows, storage, run_name, marks, start).checkpoint
 
     quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
     from trainer import report
@@ -73,6 +75,8 @@ def run(cfg: Config) -> dict:
         "test_accuracy": test_accuracy, "test_loss": test_loss, "num_workers": cfg.num_workers,
         "epochs": meta["history"], "config": cfg.to_dict(),
         "workers": [{k: v for k, v in w.items() if k != "timeline"} for w in workers],
+        "init": start.describe() if start else None,
+        "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": timeline.resizes(meta["history"]),
         "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
         "run": {"name": run_name, "storage_path": storage, "checkpoint": final.path},
     }
@@ -113,7 +117,18 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: 
     return published
 
 
-def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict):
+def _warm_start(cfg: Config):
+    """--init-from's weights, checked against the job's model (imports TensorFlow). A checkpoint of
+    the run, if there is one, still overrides them: a resumed run continues where it stopped."""
+    from trainer import warm
+
+    start = warm.load(cfg)
+    print(f"init: weights from {start.path}" + (f" (store version {start.version})" if start.version else "")
+          + (" with its optimizer state" if start.slots is not None else ""), flush=True)
+    return start
+
+
+def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start):
     import ray
     from ray.train import TrainingFailedError
 
@@ -123,7 +138,7 @@ def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_nam
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
         cluster.check_storage_shared(ray, storage)
-        result = _fit(ray, cfg, parquet_dir, train_rows, storage, run_name, marks)
+        result = _fit(ray, cfg, parquet_dir, train_rows, storage, run_name, marks, start)
         marks["training_done"] = time.time()
         return result
     except TrainingFailedError as exc:
@@ -144,7 +159,7 @@ def _root_cause(exc: BaseException) -> str:
     return (causes or lines or [type(exc).__name__])[-1][:300]
 
 
-def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict):
+def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start):
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
@@ -155,9 +170,11 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
     marks["driver_imports_done"] = time.time()
     trainer = trainer_class(local=not cluster.address(cfg))(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "train_rows": train_rows},
+        train_loop_config={"config": cfg.to_dict(), "train_rows": train_rows, "launch": uuid.uuid4().hex[:8],
+                           "init": start and {"weights": start.weights, "slots": start.slots}},
         backend_config=KerasConfig(tf_log_level="0" if cfg.verbose else "3"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
+                                     elastic_resize_monitor_interval_s=cfg.resize_interval_s,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         datasets={"train": ray.data.from_arrow(data.read_parquet_tables(parquet_dir, "train"))},  # a block a file
@@ -218,9 +235,11 @@ def _finished_outputs(run_dir: str) -> dict | None:
 
 
 def _restore_model(cfg: Config, directory: str, train_rows: int):
-    from trainer.lr_schedule import steps_per_epoch
     from trainer.model import build_model
 
-    model = build_model(cfg, steps_per_epoch=steps_per_epoch(train_rows, cfg))  # the real warm-up length
+    # The warm-up's length in steps at MAX workers: an elastic run may have ended at another size,
+    # but the saved schedule is read only past the warm-up, where the rate is the same.
+    world = cfg.max_workers
+    model = build_model(cfg, steps_per_epoch=steps_per_epoch(train_rows // world, cfg.batch_size, world))
     model.optimizer.build(model.trainable_variables)
     return model, checkpoint.load(directory, model)

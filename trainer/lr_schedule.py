@@ -37,7 +37,3 @@ def learning_rate(cfg: Config, steps_per_epoch: int | None = None):
         warmup_target=scaled_rate(cfg), warmup_steps=cfg.warmup_epochs * (steps_per_epoch or 0),
         name="linear_warmup")
 
-
-def steps_per_epoch(train_rows: int, cfg: Config) -> int:
-    """Steps every worker runs per epoch: equal shards, the last partial batch dropped."""
-    return (train_rows // cfg.num_workers) // cfg.per_worker_batch

@@ -4,6 +4,7 @@ version's status. Pure functions; nothing here touches the disk.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from datetime import datetime, timezone
@@ -46,8 +47,8 @@ def gate(accuracy: float, baseline: float | None, tolerance: float,
 
 def fingerprint(config: dict, data_sha256: str) -> dict:
     """What a model is a function of: the data's content and the recipe (not where it ran)."""
-    return {"data_sha256": data_sha256,
-            "config": {k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}}
+    recipe = json.loads(json.dumps({k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}))
+    return {"data_sha256": data_sha256, "config": recipe}  # as JSON holds it: a (MIN, MAX) tuple is a list
 
 
 def status_of(record: dict, pointer: dict | None) -> str:

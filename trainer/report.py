@@ -101,8 +101,15 @@ def plot_training_curves(history: list[dict], path: str, test_accuracy: float | 
         ax.grid(alpha=0.3)
         if epochs:
             ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch still gets a visible point
-        for i, epoch in enumerate(e for e, h in zip(epochs, history) if h.get("restarted")):
+        if all("world_size" in h for h in history):  # each epoch's worker count under its number
+            ax.set_xticks(epochs, [f"{e}\n{h['world_size']}w" for e, h in zip(epochs, history)])
+            ax.set_xlabel("epoch (and workers)")
+        for i, (epoch, h) in enumerate((e, h) for e, h in zip(epochs, history) if h.get("restarted")):
             ax.axvline(epoch - 0.5, color="tab:red", linestyle=":", label="restarted" if i == 0 else None)
+            if "resized_from" in h:
+                ax.annotate(f"{h['resized_from']}\u2192{h['world_size']} workers", (epoch - 0.5, 1),
+                            xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
+                            color="tab:red", fontsize=8)
     if test_accuracy is not None:
         acc_ax.axhline(test_accuracy, color="tab:green", linestyle="--",
                        label=f"test accuracy {test_accuracy:.4f}")

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray.train
 
-from trainer import checkpoint, quiet
-from trainer.config import Config
+from trainer import checkpoint, quiet, warm
+from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.data import images_from_column
-from trainer.timeline import process_start_time
+from trainer.timeline import process_start_time, resizes
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -34,25 +34,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not cfg.verbose:
         quiet.quiet_ray_train_console()
     ctx = ray.train.get_context()
-    rank, marks = ctx.get_world_rank(), {"worker_started": process_start_time(), "loop_started": time.time()}
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    marks = {"worker_started": process_start_time(), "loop_started": time.time()}
     with ThreadPoolExecutor(1) as pool:  # Ray Data streams the shard while TensorFlow imports
         reading = pool.submit(read_shard, ray.train.get_dataset_shard("train"))
         tf, strategy = start_tensorflow(cfg)
         marks["tensorflow_imported"] = time.time()
         images, labels, index = reading.result()
     marks["shard_in_memory"] = time.time()
-    model = build(strategy, cfg, len(images))
+    # The global batch is the same at every world size; this rank's share, and the steps all ranks run:
+    batch, steps = rank_batch(cfg.batch_size, world, rank), steps_per_epoch(len(images), cfg.batch_size, world)
+    model = build(strategy, cfg, steps)
+    if loop_config.get("init"):  # --init-from: a trained model's weights; a checkpoint, if any, overrides
+        warm.apply(model, **loop_config["init"])
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
     train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
     info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id()}
+            "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
     marks["collectives_ready"] = time.time()
     board = _tensorboard(cfg) if rank == 0 else None
+    previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
     try:
         for epoch in range(epochs_done, cfg.epochs):
-            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, seed=(cfg.seed, rank, epoch))
-            record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0,
-                          learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)))
+            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, batch, steps, seed=(cfg.seed, rank, epoch))
+            record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0, world_size=world,
+                          launch=loop_config["launch"],
+                          learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)),
+                          **{k: info[k] for k in ("global_rows_seen", "global_rows_duplicated")})
+            if epoch == epochs_done and previous_world != world:
+                record["resized_from"] = previous_world
             history.append(record)
             marks.setdefault("first_step", record["first_step_unix"])
             marks["last_step"] = record["first_step_unix"] + record["seconds"]
@@ -77,13 +87,13 @@ def start_tensorflow(cfg: Config):
     return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
-def build(strategy, cfg: Config, rows: int):
-    """The compiled model with its optimizer's slots made, under the strategy (`rows` in this
-    worker's shard time the learning-rate warm-up)."""
+def build(strategy, cfg: Config, steps: int):
+    """The compiled model with its optimizer's slots made, under the strategy (`steps` per epoch
+    time the learning-rate warm-up)."""
     from trainer.model import build_model
 
     with strategy.scope():
-        model = build_model(cfg, steps_per_epoch=rows // cfg.per_worker_batch)
+        model = build_model(cfg, steps_per_epoch=steps)
         model.optimizer.build(model.trainable_variables)
     return model
 
@@ -99,26 +109,30 @@ def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, index
 
 
-def run_epoch(tf, cfg: Config, train_steps, all_reduce_sum, images, labels, seed: tuple) -> dict:
-    """One pass over this worker's shard; loss and accuracy summed over every worker."""
+def run_epoch(tf, cfg: Config, train_steps, all_reduce_sum, images, labels, batch: int, steps: int,
+              seed: tuple) -> dict:
+    """One pass over this worker's shard; loss, accuracy and examples summed over every worker, and
+    the global batch (the ranks' batches summed) that each of the epoch's `steps` steps used."""
     started, first_step = time.perf_counter(), time.time()
-    xs, ys = epoch_batches(images, labels, cfg.per_worker_batch, seed)
-    totals = np.zeros(3)  # loss sum, correct, examples on this worker
+    xs, ys = epoch_batches(images, labels, batch, seed, steps)
+    totals = np.zeros(4)  # loss sum, correct, examples on this worker; then its batch
     for start in range(0, len(xs), cfg.steps_per_call):
         chunk = slice(start, start + cfg.steps_per_call)
-        totals += [t.numpy() for t in train_steps(xs[chunk], ys[chunk])]
-    loss_sum, correct, seen = all_reduce_sum(totals)
+        totals[:3] += [t.numpy() for t in train_steps(xs[chunk], ys[chunk])]
+    totals[3] = batch
+    loss_sum, correct, seen, global_batch = all_reduce_sum(totals)
     seconds = time.perf_counter() - started
     return {"loss": loss_sum / seen, "accuracy": correct / seen, "seconds": seconds,
-            "samples_per_second": seen / seconds, "first_step_unix": first_step}
+            "samples_per_second": seen / seconds, "first_step_unix": first_step,
+            "steps": steps, "global_batch": int(global_batch), "examples": int(seen)}
 
 
-def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: tuple):
+def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: tuple, steps: int | None = None):
     """One epoch, shuffled by `seed` and cut into (steps, batch, 28, 28) images and (steps, batch)
-    labels, uint8; the last partial batch is dropped so every worker runs the same number of steps.
+    labels, uint8; `steps` (default: as many as fit) is what every worker runs, the rest is dropped.
     No tf.data: under MultiWorkerMirroredStrategy deleting a tf.data iterator took about 2 s at each
     epoch's end (measured on 2 cores), so the steps take their batches straight from these arrays."""
-    steps = len(images) // batch_size
+    steps = len(images) // batch_size if steps is None else steps
     order = np.random.default_rng(seed).permutation(len(images))[:steps * batch_size]
     return images[order].reshape(steps, batch_size, *images.shape[1:]), labels[order].reshape(steps, batch_size)
 
@@ -200,6 +214,10 @@ def _tensorboard(cfg: Config):
 
 def _announce(record: dict, epochs: int, history: list[dict], board, model) -> None:
     """Rank 0's epoch line (sys.stdout, not print: Ray Train's print patch would log it twice)."""
+    if "resized_from" in record:
+        (resize,) = resizes([history[-2], record])
+        sys.stdout.write(f"resized from {resize['from']} to {resize['to']} workers after epoch "
+                         f"{resize['after_epoch']} ({resize['reason']}); continuing from its checkpoint\n")
     sys.stdout.write(progress_line(record, epochs, history) + "\n")
     sys.stdout.flush()
     if board:
@@ -213,6 +231,7 @@ def _peak_rss_mb() -> float:
 def progress_line(record: dict, epochs: int, history: list[dict]) -> str:
     per_epoch = float(np.median([h["seconds"] for h in history]))
     left = per_epoch * (epochs - record["epoch"])
-    return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  "
+    workers = record.get("world_size", 1)
+    return (f"epoch {record['epoch']}/{epochs}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
             f"accuracy {record['accuracy']:.4f}  {record['samples_per_second']:,.0f} samples/s  "
             f"{record['seconds']:.1f}s  ~{left:.0f}s left")
