@@ -204,3 +204,17 @@ def test_every_field_type_parses_from_the_command_line_and_is_validated():
     assert (cfg.resource_wait_s, cfg.local_cpus, cfg.verbose) == (2.5, 3, True)
     with pytest.raises(ValueError, match="local_cpus must be a int | None, got 2.5"):
         Config(local_cpus=2.5)
+
+
+@pytest.mark.parametrize("cfg, total, message", [
+    (Config(num_workers=4), {"CPU": 3}, "asked for 4 workers x 1 CPU; the cluster has 3 CPUs"),
+    (Config(num_workers=(2, 8)), {"CPU": 3}, None),  # an elastic run needs only MIN to start
+    (Config(num_workers=(4, 8)), {"CPU": 3}, "asked for at least 4 workers x 1 CPU; the cluster has 3 CPUs"),
+    (Config(num_workers=(1, 2), use_gpu=True), {"CPU": 8}, "--use-gpu asked for at least 1 workers"),
+    (Config(num_workers=2, cpus_per_worker=2), {"CPU": 4}, None),  # every CPU may go to a worker
+])
+def test_the_cluster_must_hold_the_fixed_count_or_an_elastic_minimum(cfg, total, message):
+    from trainer.cluster import shortfall
+
+    problem = shortfall(total, cfg)
+    assert problem is None if message is None else problem.startswith(message) or message in problem, problem

@@ -43,12 +43,14 @@ def log_dir() -> str:
 
 
 def import_tensorflow(verbose: bool = False):
-    """`import tensorflow`, with its import-time C++ notices sent to tensorflow-<pid>.log."""
+    """`import tensorflow`, with its import-time C++ notices sent to tensorflow-<pid>.log, and those
+    of its first look at the devices ("failed call to cuInit" on a machine without a GPU)."""
     if verbose or "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf
     with stderr_to(os.path.join(log_dir(), f"tensorflow-{os.getpid()}.log")):
         import tensorflow as tf
+        tf.config.list_physical_devices()  # lists only: devices can still be hidden afterwards
     tf.get_logger().setLevel("ERROR")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Keras' "HDF5 is legacy" notice, among others
     return tf

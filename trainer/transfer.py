@@ -32,6 +32,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from trainer import quiet
 from trainer.config import Config
 from trainer.predict import load_model, mnist_like
 
@@ -226,17 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_tensorflow(verbose: bool) -> None:
-    """Import TensorFlow and list its devices with fd 2 on a log file: the import's C++ notices and
-    the first device probe's (cuInit, on a machine without a GPU) stay off the console."""
-    if verbose or "tensorflow" in sys.modules:
-        return
-    from trainer import quiet
-
-    with quiet.stderr_to(os.path.join(quiet.log_dir(), f"tensorflow-{os.getpid()}.log")):
-        quiet.import_tensorflow().config.list_physical_devices()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -248,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
             raise ValueError(f"--output {args.output} is a file, not a folder")
         check_settings(args.per_class, args.epochs, args.learning_rate)
-        quiet_tensorflow(args.verbose)
+        quiet.import_tensorflow(args.verbose)  # TensorFlow's start-up notices go to a log file
         if args.table is None:
             run(args)
         else:
