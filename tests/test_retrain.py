@@ -75,7 +75,7 @@ def night(tmp_path_factory):
     steps["v2_versions"] = versions(store)
     # One epoch on 300 digits: worse, so rejected.
     steps["worse"] = finish(start(store, "--data", tiny, "--epochs", "1", "--num-workers", "1"))
-    steps["worse_versions"] = versions(store)
+    steps["worse_versions"], steps["worse_current"] = versions(store), current(store)
     # Nothing changed since v2: no training.
     steps["unchanged"] = finish(start(store, *v2_args), timeout=180)
     steps["unchanged_versions"] = versions(store)
@@ -139,7 +139,7 @@ def test_a_worse_run_is_rejected_and_current_does_not_move(night):
     rejected = record(store, new[0])
     assert rejected["decision"] == "rejected" and rejected["data"]["train_rows"] == 300
     assert "below" in rejected["reason"] and f"rejected {new[0]}" in out
-    assert current(store) == steps["v2_versions"][-1]
+    assert steps["worse_current"] == steps["v2_versions"][-1]
     assert (store / "versions" / new[0] / "mnist.keras").exists()  # kept, for inspection
 
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 MODELS = ("mlp", "cnn")
 PLACEMENTS = ("PACK", "SPREAD")
 LR_SCALINGS = ("none", "linear", "sqrt")
-# Each annotation a Config field may have: (the type a flag's text parses to, whether None is allowed).
-# The CLI and the validation both read it; a field with any other annotation fails at import.
 
 
 def parse_workers(text: str) -> int | tuple[int, int]:
@@ -26,6 +24,8 @@ def parse_workers(text: str) -> int | tuple[int, int]:
 
 
 parse_workers.__name__ = "N or MIN-MAX"  # what argparse's "invalid ... value" message calls it
+# Each annotation a Config field may have: (the type a flag's text parses to, whether None is allowed).
+# The CLI and the validation both read it; a field with any other annotation fails at import.
 FIELD_TYPES = {"int": (int, False), "float": (float, False), "bool": (bool, False), "str": (str, False),
                "int | None": (int, True), "float | None": (float, True), "str | None": (str, True),
                "int | tuple[int, int]": (parse_workers, False)}
