@@ -70,6 +70,11 @@ def undisturbed(tmp_path_factory):
     return read_metrics(base / "out")
 
 
+def epoch_lines(console: str) -> str:
+    """The job's epoch and resize lines, for the README (shown with -s)."""
+    return "".join(line + "\n" for line in console.splitlines() if line.startswith(("epoch ", "resized ")))
+
+
 def assert_each_epoch_once_with_a_restart(metrics):
     epochs = metrics["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, metrics["config"]["epochs"] + 1))
@@ -211,7 +216,7 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_pa
     assert lost not in [w["node_id"] for w in metrics["workers"]]
     assert_each_step_used_the_global_batch(metrics, 3000)  # at 3 workers (11+11+10) and at 2 (16+16)
     assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.015
-    print("".join(line + "\n" for line in out.splitlines() if line.startswith(("epoch ", "resized "))))
+    print(epoch_lines(out))
     print(f"shrink: {resize}; test accuracy {metrics['test_accuracy']:.4f} against "
           f"{undisturbed['test_accuracy']:.4f} undisturbed")
 
@@ -237,5 +242,5 @@ def test_elastic_run_grows_onto_a_new_node_without_spending_a_failure(tmp_path):
     assert (resize["from"], resize["to"], resize["reason"]) == (2, 3, GREW)
     assert "resized from 2 to 3 workers" in out
     assert_each_step_used_the_global_batch(metrics, 3000)  # at 2 workers (4+4) and at 3 (3+3+2)
-    print("".join(line + "\n" for line in out.splitlines() if line.startswith(("epoch ", "resized "))))
+    print(epoch_lines(out))
     print(f"grow: {resize}; test accuracy {metrics['test_accuracy']:.4f}")

@@ -47,8 +47,14 @@ def build_model(cfg: Config, steps_per_epoch: int | None = None) -> keras.Model:
         ], name="mnist_cnn")
     else:
         raise ValueError(f"unknown model {cfg.model!r}")
+    return compile_model(model, lr_schedule.learning_rate(cfg, steps_per_epoch))
+
+
+def compile_model(model: keras.Model, learning_rate) -> keras.Model:
+    """The tutorial's compile: RMSprop at `learning_rate` (a float or a schedule), categorical
+    cross-entropy, accuracy. Also what trainer/transfer.py recompiles a loaded model with."""
     model.compile(
-        optimizer=keras.optimizers.RMSprop(learning_rate=lr_schedule.learning_rate(cfg, steps_per_epoch)),
+        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
         loss=keras.losses.CategoricalCrossentropy(),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )

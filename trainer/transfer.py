@@ -101,9 +101,9 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int, learning_rate: float
     """Compile `model` as trainer/model.py does (RMSprop, cross-entropy, accuracy) and fit it."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy(),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    from trainer.model import compile_model
+
+    compile_model(model, learning_rate)
     keras.utils.set_random_seed(seed)  # the shuffling order: same seed, same model
     model.fit(x, keras.utils.to_categorical(check_labels(y), NUM_CLASSES),
               batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=0)

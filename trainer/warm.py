@@ -91,9 +91,8 @@ def check_fits(source: list[tuple], target: list[tuple], path: str, source_name:
 
 
 def optimizer_slots(model) -> list[np.ndarray]:
-    """The optimizer's per-weight variables, in weight order (not its step count or learning rate)."""
-    optimizer = getattr(model, "optimizer", None)
-    return [np.asarray(v) for v in (optimizer.variables if optimizer else []) if len(v.shape)]
+    """The optimizer's per-weight variables' values, in weight order."""
+    return [np.asarray(v) for v in _slot_variables(model)]
 
 
 def apply(model, weights: list[np.ndarray], slots: list[np.ndarray] | None) -> None:
@@ -101,9 +100,15 @@ def apply(model, weights: list[np.ndarray], slots: list[np.ndarray] | None) -> N
     for variable, value in zip(model.trainable_variables, weights, strict=True):
         variable.assign(value)
     if slots is not None:
-        targets = [v for v in model.optimizer.variables if len(v.shape)]
-        for variable, value in zip(targets, slots, strict=True):
+        for variable, value in zip(_slot_variables(model), slots, strict=True):
             variable.assign(value)
+
+
+def _slot_variables(model) -> list:
+    """The optimizer's per-weight variables (RMSprop's velocities), in weight order: every one but
+    the scalars (its step count and learning rate)."""
+    optimizer = getattr(model, "optimizer", None)
+    return [v for v in (optimizer.variables if optimizer else []) if len(v.shape)]
 
 
 def _shapes(arrays) -> list[tuple]:
