@@ -18,6 +18,7 @@ from trainer.timeline import GREW, RERUN, SHRANK
 from tests.conftest import start_job as start_any_job
 
 RECIPE = ["--data", str(SAMPLE), "--epochs", "5", "--batch-size", "32", "--seed", "0"]
+GROW_EPOCHS = 24  # see the grow test: long enough for Ray Train to notice a new node on a fast machine
 
 
 def start_job(*args):
@@ -95,6 +96,28 @@ def test_worker_sigkill_restarts_from_checkpoint(tmp_path, undisturbed):
     restart = assert_each_epoch_once_with_a_restart(metrics)
     assert restart >= 3  # epoch 2's checkpoint was registered before the kill: nothing before it redone
     assert victim not in [w["pid"] for w in metrics["workers"]]  # a new worker group finished it
+    assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.005
+
+
+def test_a_frozen_peer_fails_the_step_after_the_collective_timeout_and_the_run_restarts(tmp_path, undisturbed):
+    """Rank 1 is SIGSTOPped: alive to Ray, silent to rank 0, whose all-reduce waits on it. Rank 0's
+    collectives are aborted (by TensorFlow's coordination heartbeat, or after --collective-timeout-s
+    by the worker's watchdog: tests/test_worker.py), the step fails, and Ray Train restarts the
+    group from the checkpoint, killing the frozen worker."""
+    proc = start_job("--max-failures", "1", "--collective-timeout-s", "10", "--run-name", "frozen",
+                     "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "out"))
+    victim = worker_pid(wait_for_epoch(tmp_path / "runs" / "frozen", 2, proc), rank=1)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        code, out, err = finish(proc)
+    finally:
+        if alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert code == 0, err[-3000:]
+    # Whichever notices first aborts the step: TensorFlow's coordination heartbeat, or the watchdog.
+    assert "no progress for 10s: a peer is gone" in err or "stopped sending heartbeats" in err, err[-3000:]
+    metrics = read_metrics(tmp_path / "out")
+    assert assert_each_epoch_once_with_a_restart(metrics) >= 3
     assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.005
 
 
@@ -225,9 +248,11 @@ def test_elastic_run_grows_onto_a_new_node_without_spending_a_failure(tmp_path):
     """--num-workers 2-3 on two 1-CPU nodes starts 2 workers; a third node joins during epoch 2.
     Ray Train sees it within its resource view's 20 s refresh plus the resize interval, restarts
     on 3 workers from the latest checkpoint, and --max-failures 0 still holds: growth is no failure.
-    Batch 8 makes epochs long enough (about 3 s each here) for the growth to land mid-run."""
+    The run must still be training 22 s after the node joins, on any machine: at batch 8 an epoch
+    takes about 3-4 s here, so GROW_EPOCHS leaves some 80 s here and still over 25 s on a machine
+    three times as fast."""
     with simulated_cluster(head_cpus=0, node_cpus=[1, 1]) as cluster:
-        proc = start_any_job("--data", str(SAMPLE), "--epochs", "8", "--batch-size", "8", "--seed", "0",
+        proc = start_any_job("--data", str(SAMPLE), "--epochs", str(GROW_EPOCHS), "--batch-size", "8", "--seed", "0",
                              "--address", cluster.address, "--num-workers", "2-3", "--resize-interval-s", "2",
                              "--max-failures", "0", "--run-name", "grow", "--storage-path", str(tmp_path / "runs"),
                              "--output", str(tmp_path / "out"))
@@ -237,7 +262,7 @@ def test_elastic_run_grows_onto_a_new_node_without_spending_a_failure(tmp_path):
     assert code == 0, err[-3000:]
     metrics = read_metrics(tmp_path / "out")
     restart = assert_each_epoch_once_with_a_restart(metrics)
-    assert metrics["world_sizes"] == [2] * (restart - 1) + [3] * (9 - restart)
+    assert metrics["world_sizes"] == [2] * (restart - 1) + [3] * (GROW_EPOCHS + 1 - restart)
     (resize,) = metrics["resizes"]
     assert (resize["from"], resize["to"], resize["reason"]) == (2, 3, GREW)
     assert "resized from 2 to 3 workers" in out

@@ -86,3 +86,38 @@ def test_progress_line_estimates_the_time_left_from_the_median_epoch():
     assert progress_line(record, 5, history) == (
         "epoch 3/5  1 worker  loss 0.1235  accuracy 0.9612  12,000 samples/s  2.5s  ~5s left")
     assert progress_line({**record, "world_size": 3}, 5, history).startswith("epoch 3/5  3 workers  loss")
+
+
+WATCHDOG = """
+import sys, time
+import tensorflow as tf
+from trainer.worker import Watchdog
+
+def reduce():  # a one-member collective: runs at once, unless collectives were aborted
+    return tf.raw_ops.CollectiveReduceV2(input=tf.constant([1.0]), group_size=tf.constant(1),
+        group_key=tf.constant(1), instance_key=tf.constant(1), ordering_token=[], merge_op="Add", final_op="Id")
+
+watchdog = Watchdog(0.5)
+for _ in range(10):  # 1.5 s with a beat every 0.15 s: no abort
+    time.sleep(0.15)
+    reduce()
+    watchdog.beat()
+time.sleep(1.5)  # silence past the timeout
+try:
+    reduce()
+    print("not aborted")
+except tf.errors.UnavailableError as exc:
+    print("aborted:", "no progress for 0.5s: a peer is gone" in str(exc))
+watchdog.stop()
+"""
+
+
+def test_the_watchdog_aborts_collectives_only_after_a_silence_longer_than_its_timeout():
+    """In a process of its own: an abort leaves collectives unusable until the process ends."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1:] == ["aborted: True"], proc.stdout + proc.stderr[-2000:]

@@ -112,7 +112,8 @@ class Config:
     keep_checkpoints: int = _opt(2, "newest checkpoints to keep (CheckpointConfig)")
     force: bool = _opt(False, "retrain even if --run-name already finished (its folder is moved aside)")
     collective_timeout_s: float = _opt(
-        300.0, "seconds a collective may wait for a peer before failing (no hang on a dead worker)")
+        300.0, "seconds a worker may go without finishing a training call or a collective before it "
+        "aborts its collectives (no hang on a dead peer; Ray Train then restarts the group)")
     # Speed.
     steps_per_call: int = _opt(20, "training steps per tf.function call (fewer Python round trips)")
     # What users look at.

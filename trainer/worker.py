@@ -17,6 +17,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,14 +50,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         warm.apply(model, **loop_config["init"])
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
     train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
-    info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
-    marks["collectives_ready"] = time.time()
     board = _tensorboard(cfg) if rank == 0 else None
     previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
+    watchdog = Watchdog(cfg.collective_timeout_s)
     try:
+        info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
+        marks["collectives_ready"] = time.time()
         for epoch in range(epochs_done, cfg.epochs):
-            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, batch, steps, seed=(cfg.seed, rank, epoch))
+            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, batch, steps,
+                               seed=(cfg.seed, rank, epoch), progress=watchdog.beat)
             record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0, world_size=world,
                           launch=loop_config["launch"],
                           learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)),
@@ -69,7 +72,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _announce(record, cfg.epochs, history, board, model)
             _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
+            watchdog.beat()
     finally:
+        watchdog.stop()
         if board:
             board.close()
 
@@ -81,10 +86,39 @@ def start_tensorflow(cfg: Config):
         tf.config.set_visible_devices([], "GPU")
     tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.cpus_per_worker)
+    # No timeout_seconds here: TensorFlow times each collective with a thread that sleeps the whole
+    # timeout, about 4 a step; at 300 s the threads grew by ~390/s and a long run aborted (measured,
+    # docs/design.md). Watchdog bounds the wait instead, with one thread.
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.RING,
-        timeout_seconds=cfg.collective_timeout_s)  # a dead peer fails the step; Ray restarts the group
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
     return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+class Watchdog:
+    """Aborts this worker's collectives when nothing has progressed for `timeout_s` (a peer that died
+    leaves them waiting for ever), so the step fails and Ray Train restarts the group. One thread,
+    whatever the number of steps; the abort is the one TensorFlow's own peer health check uses."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self.last, self._stopped = timeout_s, time.monotonic(), threading.Event()
+        threading.Thread(target=self._watch, name="collective-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def beat(self) -> None:
+        """Progress: a training call or a collective finished."""
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(self.timeout_s / 10, 5.0)):
+            if time.monotonic() - self.last > self.timeout_s:
+                import tensorflow as tf
+                from tensorflow.python.eager import context  # the abort has no public name
+
+                context.context().abort_collective_ops(
+                    tf.errors.UNAVAILABLE, f"no progress for {self.timeout_s:g}s: a peer is gone (--collective-timeout-s)")
+                return
 
 
 def build(strategy, cfg: Config, steps: int):
@@ -110,15 +144,17 @@ def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def run_epoch(tf, cfg: Config, train_steps, all_reduce_sum, images, labels, batch: int, steps: int,
-              seed: tuple) -> dict:
+              seed: tuple, progress=lambda: None) -> dict:
     """One pass over this worker's shard; loss, accuracy and examples summed over every worker, and
-    the global batch (the ranks' batches summed) that each of the epoch's `steps` steps used."""
+    the global batch (the ranks' batches summed) that each of the epoch's `steps` steps used.
+    `progress` is called after each training call (the watchdog's beat)."""
     started, first_step = time.perf_counter(), time.time()
     xs, ys = epoch_batches(images, labels, batch, seed, steps)
     totals = np.zeros(4)  # loss sum, correct, examples on this worker; then its batch
     for start in range(0, len(xs), cfg.steps_per_call):
         chunk = slice(start, start + cfg.steps_per_call)
         totals[:3] += [t.numpy() for t in train_steps(xs[chunk], ys[chunk])]
+        progress()
     totals[3] = batch
     loss_sum, correct, seen, global_batch = all_reduce_sum(totals)
     seconds = time.perf_counter() - started
