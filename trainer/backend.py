@@ -1,5 +1,5 @@
-"""Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, and the
-trainer that runs it.
+"""Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, the
+callback that announces restarts, and the trainer that runs it.
 
 Ray's own `TensorflowConfig` does the same (TF_CONFIG on every worker) but lives in a package whose
 `__init__` imports TensorFlow, so the driver and Ray Train's controller would each pay that import
@@ -12,10 +12,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import ray
+from ray.train import UserCallback
 from ray.train.backend import Backend, BackendConfig
+
+from trainer import failures
 
 
 @dataclass
@@ -51,6 +56,32 @@ class _KerasBackend(Backend):
         ray.get([worker_group.execute_single_async(rank, _set_environment, addresses, rank,
                                                    backend_config.tf_log_level)
                  for rank in range(len(worker_group))])
+
+
+class Restarts(UserCallback):
+    """On Ray Train's controller, after each report and each worker failure: within --max-failures,
+    one line per restart and its record in <run>/restarts.json (trainer/failures.py); past it,
+    nothing (the driver says why the run failed)."""
+
+    def __init__(self, record_path: str, max_failures: int, epochs_done: int):
+        self.record_path, self.max_failures, self.epochs_done, self.failures = record_path, max_failures, epochs_done, 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None and metrics and "epoch" in metrics[0]:
+            self.epochs_done = metrics[0]["epoch"]
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.failures += 1
+        if self.max_failures != -1 and self.failures > self.max_failures:
+            return  # Ray Train gives up; the driver prints why
+        entry = {"restart": self.failures, "of": self.max_failures, "cause": failures.cause(worker_exceptions)[1],
+                 "continuing_from_epoch": self.epochs_done + 1, "at_unix": time.time(),
+                 "workers": failures.worker_summaries(worker_exceptions)}
+        of = "unlimited" if self.max_failures == -1 else self.max_failures
+        sys.stdout.write(f"restarted after a worker failure ({entry['cause']}): continuing from epoch "
+                         f"{entry['continuing_from_epoch']}, restart {self.failures} of {of}\n")
+        sys.stdout.flush()
+        failures.append_record(self.record_path, entry)
 
 
 def trainer_class(local: bool):

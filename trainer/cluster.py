@@ -22,6 +22,9 @@ QUIET_ENV = {  # library chatter off the console (it stays in Ray's log files); 
 }
 
 
+ELASTIC_START_TIMEOUT_S = 5  # an elastic run's placement group wait, per try (see prepare_environment)
+
+
 class ClusterError(RuntimeError):
     """The cluster cannot run what was asked. The message says what was asked and what it has."""
 
@@ -49,6 +52,14 @@ def prepare_environment(cfg: Config) -> None:
     # Ray Train 2.60's preemption watcher is one more actor whose creation logs a core_worker error
     # line; a preempted node is handled like any lost node (restart from the latest checkpoint).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if cfg.elastic:
+        # After a lost node an elastic run restarts at the size its resource view allows, and that
+        # view (Ray's autoscaling coordinator) refreshes every 20 s: until then Ray Train may ask
+        # for the lost node's workers again and wait out the placement group's start timeout (60 s:
+        # 78.5 s from the last step to the next, measured). An elastic size is chosen from nodes
+        # that exist (the wait for autoscaled nodes happens before it), so a short timeout only
+        # retries that choice sooner. Ray Train passes this to its controller on any cluster.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
     if not address(cfg):  # a Ray of this process's own: nobody scraping its metrics
         os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 

@@ -108,12 +108,17 @@ class Config:
         0.0, "on an autoscaling cluster: seconds to wait for room for the workers (asking the "
         "autoscaler for it) before failing; 0 fails at once")
     # Fault tolerance.
-    max_failures: int = _opt(0, "worker-group restarts Ray Train may make (FailureConfig)")
+    max_failures: int = _opt(
+        3, "worker-group restarts Ray Train may make, each from the latest checkpoint, before the run fails "
+        "(FailureConfig; -1: no limit). A transient fault (a killed or preempted worker, a lost node, a "
+        "stall past --stall-timeout-s) costs one restart and the epoch in flight")
     keep_checkpoints: int = _opt(2, "newest checkpoints to keep (CheckpointConfig)")
     force: bool = _opt(False, "retrain even if --run-name already finished (its folder is moved aside)")
-    collective_timeout_s: float = _opt(
-        300.0, "seconds a worker may go without finishing a training call or a collective before it "
-        "aborts its collectives (no hang on a dead peer; Ray Train then restarts the group)")
+    stall_timeout_s: float = _opt(
+        60.0, "seconds a worker may be silent (a paused VM, steal time, a long GC pause) before its peers "
+        "give it up: TensorFlow's coordination heartbeat timeout, and each worker's watchdog on its "
+        "collectives. A stall of up to half this passes unnoticed; a peer frozen longer fails the step "
+        "and Ray Train restarts the group (--max-failures). A process that dies is noticed at once")
     # Speed.
     steps_per_call: int = _opt(20, "training steps per tf.function call (fewer Python round trips)")
     # What users look at.
@@ -246,8 +251,8 @@ def _problems(cfg: Config):
         yield f"keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}"
     if cfg.resource_wait_s < 0:
         yield f"resource_wait_s must be 0 or more, got {cfg.resource_wait_s}"
-    if not cfg.collective_timeout_s > 0:
-        yield f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}"
+    if not cfg.stall_timeout_s >= 1:
+        yield f"stall_timeout_s must be at least 1 (seconds), got {cfg.stall_timeout_s}"
     if cfg.steps_per_call < 1:
         yield f"steps_per_call must be at least 1, got {cfg.steps_per_call}"
     if cfg.tensorboard_dir is not None:

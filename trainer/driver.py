@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 
-from trainer import checkpoint, cluster, data, quiet, timeline
+from trainer import checkpoint, cluster, data, failures, quiet, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
@@ -27,7 +27,8 @@ RESUME_KEYS = fields_shaping(WEIGHTS)  # a resumed run must share these with its
 
 
 class TrainingError(RuntimeError):
-    """Ray Train gave up on the run (after --max-failures restarts); the message is the cause."""
+    """Ray Train gave up on the run (after --max-failures restarts). The message's first line is
+    the cause; then the failing worker's last frame and exception, and the path of its full log."""
 
 
 def run(cfg: Config) -> dict:
@@ -60,7 +61,8 @@ def run(cfg: Config) -> dict:
         final = latest[0]
     else:
         print(f"run: {run_name} in {storage} (rerun with --run-name {run_name} to resume)", flush=True)
-        final = _train(cfg, parquet_dir, train_rows, storage, run_name, marks, start).checkpoint
+        epochs_done = latest[1]["epochs_done"] if latest else 0
+        final = _train(cfg, parquet_dir, train_rows, storage, run_name, marks, start, epochs_done).checkpoint
 
     quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
     from trainer import report
@@ -79,6 +81,7 @@ def run(cfg: Config) -> dict:
         "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": timeline.resizes(meta["history"]),
         "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
         "run": {"name": run_name, "storage_path": storage, "checkpoint": final.path},
+        "restarts": failures.read_records(data.join(run_dir, failures.RECORD)),
     }
     evaluation = report.evaluation_report(mnist.y_test, probs)
     # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
@@ -128,7 +131,8 @@ def _warm_start(cfg: Config):
     return start
 
 
-def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start):
+def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start,
+           epochs_done: int):
     import ray
     from ray.train import TrainingFailedError
 
@@ -138,11 +142,12 @@ def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_nam
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
         cluster.check_storage_shared(ray, storage)
-        result = _fit(ray, cfg, parquet_dir, train_rows, storage, run_name, marks, start)
+        result = _fit(ray, cfg, parquet_dir, train_rows, storage, run_name, marks, start, epochs_done)
         marks["training_done"] = time.time()
         return result
     except TrainingFailedError as exc:
-        raise TrainingError(f"training failed: {_root_cause(exc)} (worker logs above)") from None
+        used = len(failures.read_records(data.join(storage, run_name, failures.RECORD)))
+        raise TrainingError(failures.explain(exc, used)) from None
     finally:
         ray.shutdown()
         marks["ray_down"] = time.time()
@@ -152,19 +157,13 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM stops the job like Ctrl-C: Ray shuts down, checkpoints stay
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The last 'SomeError: message' line of a worker traceback, else its first line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    causes = [line for line in lines if "Error:" in line or "Exception:" in line]
-    return (causes or lines or [type(exc).__name__])[-1][:300]
-
-
-def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start):
+def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start,
+         epochs_done: int):
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
 
-    from trainer.backend import KerasConfig, trainer_class
+    from trainer.backend import KerasConfig, Restarts, trainer_class
     from trainer.worker import train_loop_per_worker
 
     marks["driver_imports_done"] = time.time()
@@ -185,6 +184,7 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
             name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[Restarts(data.join(storage, run_name, failures.RECORD), cfg.max_failures, epochs_done)],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
     marks["training_launched"] = time.time()

@@ -2,7 +2,8 @@
 
 TensorFlow 2.21 writes C++ notices (oneDNN, "could not find cuda drivers", absl's "All log
 messages before absl::InitializeLog()") straight to file descriptor 2 while it is imported, whatever
-TF_CPP_MIN_LOG_LEVEL says (tensorflow#100442). So the import runs with fd 2 pointed at a log file.
+TF_CPP_MIN_LOG_LEVEL says (tensorflow#100442). So the import runs with fd 2 pointed at a log file,
+`log_file()`, which also gets a failed worker's full traceback (the console gets a summary).
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ def log_dir() -> str:
     return tempfile.gettempdir()
 
 
+def log_file() -> str:
+    """This process's own log: mnist-<pid>.log in log_dir()."""
+    return os.path.join(log_dir(), f"mnist-{os.getpid()}.log")
+
+
 def import_tensorflow(verbose: bool = False):
-    """`import tensorflow`, with its import-time C++ notices sent to tensorflow-<pid>.log, and those
+    """`import tensorflow`, with its import-time C++ notices sent to log_file(), and those
     of its first look at the devices ("failed call to cuInit" on a machine without a GPU)."""
     if verbose or "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf
-    with stderr_to(os.path.join(log_dir(), f"tensorflow-{os.getpid()}.log")):
+    with stderr_to(log_file()):
         import tensorflow as tf
         tf.config.list_physical_devices()  # lists only: devices can still be hidden afterwards
     tf.get_logger().setLevel("ERROR")
@@ -57,9 +63,10 @@ def import_tensorflow(verbose: bool = False):
 
 
 def quiet_ray_train_console() -> None:
-    """Ray Train's per-report INFO lines off a worker's console (they stay in its log files).
-    RunConfig(logging_config=LoggingConfig("WARNING")) reaches the controller but, in Ray 2.60,
-    not the workers' console handler."""
+    """Ray Train's own lines off a worker's console (they stay in its log files): the per-report
+    INFO lines, and the full traceback it logs when the training function raises (the driver prints
+    the worker's summary, trainer/failures.py). RunConfig(logging_config=LoggingConfig("WARNING"))
+    reaches the controller but, in Ray 2.60, not the workers' console handler."""
     for handler in logging.getLogger("ray.train").handlers:
         if type(handler).__name__ == "PlainRayHandler":
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.CRITICAL)

@@ -12,6 +12,7 @@ its Ray Data shard first, and the import (seconds) overlaps with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -19,14 +20,16 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray.train
 
-from trainer import checkpoint, quiet, warm
+from trainer import checkpoint, quiet, tf_internals, warm
 from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.data import images_from_column
+from trainer.failures import WorkerFailure, summarize
 from trainer.timeline import process_start_time, resizes
 
 
@@ -34,12 +37,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
     if not cfg.verbose:
         quiet.quiet_ray_train_console()
+    try:
+        _train(cfg, loop_config)
+    except Exception as exc:  # crosses to the controller and driver as a plain, short exception
+        log = quiet.log_file()
+        with open(log, "a") as f:
+            traceback.print_exc(file=f)
+        raise WorkerFailure(summarize(exc, log)) from None
+
+
+def _train(cfg: Config, loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     marks = {"worker_started": process_start_time(), "loop_started": time.time()}
     with ThreadPoolExecutor(1) as pool:  # Ray Data streams the shard while TensorFlow imports
         reading = pool.submit(read_shard, ray.train.get_dataset_shard("train"))
-        tf, strategy = start_tensorflow(cfg)
+        tf, strategy, internals = start_tensorflow(cfg)
         marks["tensorflow_imported"] = time.time()
         images, labels, index = reading.result()
     marks["shard_in_memory"] = time.time()
@@ -52,7 +65,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
     board = _tensorboard(cfg) if rank == 0 else None
     previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
-    watchdog = Watchdog(cfg.collective_timeout_s)
+    launched = [h["first_step_unix"] for h in history if h.get("launch") == loop_config["launch"]]
+    if launched:  # a restart within this launch: its first step was an earlier group's
+        marks["first_step"] = min(launched)
+    watchdog = Watchdog(cfg.stall_timeout_s, internals.abort_collectives)
     try:
         info = {**shard_info(all_reduce_sum, index, loop_config["train_rows"]), "rank": rank, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
@@ -71,8 +87,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             marks["last_step"] = record["first_step_unix"] + record["seconds"]
             if rank == 0:
                 _announce(record, cfg.epochs, history, board, model)
-            _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
-            watchdog.beat()
+            with watchdog.paused():  # a slow checkpoint upload is no stall of a peer
+                _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
     finally:
         watchdog.stop()
         if board:
@@ -80,27 +96,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def start_tensorflow(cfg: Config):
-    """Import TensorFlow and make the strategy: thread counts first, before TensorFlow runs anything."""
+    """Import TensorFlow and make the strategy: thread counts and the coordination service's
+    heartbeat timeout (--stall-timeout-s) first, before TensorFlow runs anything."""
     tf = quiet.import_tensorflow(cfg.verbose)
+    internals = tf_internals.resolve(tf)  # fails now, not when a peer is gone, if an upgrade moved them
     if not cfg.use_gpu:  # a CPU worker on a GPU machine leaves the GPUs to whoever reserved them
         tf.config.set_visible_devices([], "GPU")
     tf.config.threading.set_intra_op_parallelism_threads(cfg.cpus_per_worker)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.cpus_per_worker)
+    # MultiWorkerMirroredStrategy would configure it with TensorFlow's 10 s heartbeat timeout: a worker
+    # frozen for 10 s (measured: a SIGSTOP of 10 s) then aborted every worker's collectives.
+    internals.configure_coordination(cfg.stall_timeout_s)
     # No timeout_seconds here: TensorFlow times each collective with a thread that sleeps the whole
     # timeout, about 4 a step; at 300 s the threads grew by ~390/s and a long run aborted (measured,
     # docs/design.md). Watchdog bounds the wait instead, with one thread.
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING)
-    return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return tf, tf.distribute.MultiWorkerMirroredStrategy(communication_options=options), internals
 
 
 class Watchdog:
-    """Aborts this worker's collectives when nothing has progressed for `timeout_s` (a peer that died
-    leaves them waiting for ever), so the step fails and Ray Train restarts the group. One thread,
-    whatever the number of steps; the abort is the one TensorFlow's own peer health check uses."""
+    """Aborts this worker's collectives when nothing has progressed for `timeout_s` (a peer that is
+    gone, or frozen past --stall-timeout-s, leaves them waiting for ever), so the step fails and Ray
+    Train restarts the group. One thread, whatever the number of steps; `abort` is the call
+    TensorFlow's own peer health check makes (trainer/tf_internals.py)."""
 
-    def __init__(self, timeout_s: float):
-        self.timeout_s, self.last, self._stopped = timeout_s, time.monotonic(), threading.Event()
+    def __init__(self, timeout_s: float, abort):
+        self.timeout_s, self.abort, self._stopped = timeout_s, abort, threading.Event()
+        self.last: float | None = time.monotonic()  # None: paused
         threading.Thread(target=self._watch, name="collective-watchdog", daemon=True).start()
 
     def stop(self) -> None:
@@ -110,14 +133,20 @@ class Watchdog:
         """Progress: a training call or a collective finished."""
         self.last = time.monotonic()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No collective runs in the block (a checkpoint upload): no clock; it restarts after."""
+        self.last = None
+        try:
+            yield
+        finally:
+            self.beat()
+
     def _watch(self) -> None:
         while not self._stopped.wait(min(self.timeout_s / 10, 5.0)):
-            if time.monotonic() - self.last > self.timeout_s:
-                import tensorflow as tf
-                from tensorflow.python.eager import context  # the abort has no public name
-
-                context.context().abort_collective_ops(
-                    tf.errors.UNAVAILABLE, f"no progress for {self.timeout_s:g}s: a peer is gone (--collective-timeout-s)")
+            last = self.last
+            if last is not None and time.monotonic() - last > self.timeout_s:
+                self.abort(f"no progress for {self.timeout_s:g}s: a peer is gone or stalled (--stall-timeout-s)")
                 return
 
 

@@ -1,0 +1,128 @@
+"""A failure in a few lines: a worker's summary, the cause named from Ray Train's worker errors, the
+driver's message, and the restart record. Unit tier: the texts are the real ones a run produced."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from trainer import failures
+
+# What rank 0 raised when rank 1 was frozen for 20 s under TensorFlow's 10 s heartbeat timeout
+# (scripts/stall.py --stall 20 on main before the stall timeout), message as TensorFlow wrote it.
+HEARTBEAT = """Graph execution error:
+
+Detected at node while/rm_sprop/CollectiveReduceV2 defined at (most recent call last):
+  File "/usr/lib/python3.11/threading.py", line 1002, in _bootstrap
+
+  File "/repo/trainer/worker.py", line 200, in train_steps
+
+Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending heartbeats):
+/job:worker/replica:0/task:1
+The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. preemption, eviction) to debug further.
+The error could be from a previous operation. Restart your program to reset.
+	 [[{{node while/rm_sprop/CollectiveReduceV2}}]] [Op:__inference_train_steps_519]"""
+
+
+class UnavailableError(Exception):
+    """Stands in for TensorFlow's class of the same name: only its name and message are read."""
+
+
+def raise_in_a_step():
+    def train_steps():
+        raise UnavailableError(HEARTBEAT)
+
+    train_steps()
+
+
+def caught(function) -> BaseException:
+    try:
+        function()
+    except Exception as exc:  # noqa: BLE001 - the point is to summarize whatever it was
+        return exc
+    raise AssertionError("did not raise")
+
+
+def test_a_summary_is_the_last_frame_and_the_exception_without_tensorflows_op_stack():
+    summary = failures.summarize(caught(raise_in_a_step), "/tmp/ray/session/logs/mnist-42.log")
+    lines = summary.splitlines()
+    assert lines[0].startswith('  File "') and lines[0].endswith("in train_steps")
+    assert lines[1] == "    raise UnavailableError(HEARTBEAT)"
+    assert lines[2] == "tests.test_failures.UnavailableError: Graph execution error:"
+    assert lines[3].startswith("Collective ops is aborted by: Error reported from /job:worker/task:1")
+    assert "Detected at node" not in summary and "threading.py" not in summary
+    assert lines[-1] == "full worker log: /tmp/ray/session/logs/mnist-42.log"
+    assert len(lines) <= 2 + failures.MESSAGE_LINES + 1
+
+
+def test_a_worker_failure_crosses_processes_without_importing_tensorflow():
+    """What the controller and the driver unpickle: before, TensorFlow's own exception, whose
+    unpickling imported TensorFlow there and printed its C++ start-up notices to the console."""
+    payload = pickle.dumps(failures.WorkerFailure(failures.summarize(caught(raise_in_a_step), None)))
+    script = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); error = pickle.loads(sys.stdin.buffer.read()); "
+              "print(type(error).__name__, 'tensorflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], input=payload, capture_output=True, timeout=60)
+    assert proc.stdout.decode().split() == ["WorkerFailure", "False"], proc.stderr.decode()[-2000:]
+
+
+def worker_error(rank: int, exc: BaseException) -> str:
+    """Ray Train's text for a worker's failure: the traceback of the WorkerFailure the worker raised."""
+    summary = failures.summarize(exc, f"/logs/mnist-{rank}.log")
+    return ("Traceback (most recent call last):\n  File \"/repo/trainer/worker.py\", line 40, in train_loop_per_worker\n"
+            f"    raise WorkerFailure(summarize(exc, log)) from None\ntrainer.failures.WorkerFailure: {summary}\n")
+
+
+def test_the_cause_names_the_frozen_rank_from_the_heartbeat_error_and_its_summary_is_shown():
+    errors = {0: worker_error(0, caught(raise_in_a_step)), 1: worker_error(1, caught(raise_in_a_step))}
+    assert failures.cause(errors) == (1, "heartbeat timeout on rank 1")
+    message = failures.explain(type("Failed", (), {"worker_failures": errors})(), restarts=3)
+    first, *rest = message.splitlines()
+    assert first == "training failed after 3 restarts: heartbeat timeout on rank 1"
+    assert rest[-1] == "full worker log: /logs/mnist-1.log" and len(rest) <= 10
+
+
+def test_the_cause_prefers_a_dead_process_over_its_peers_aborted_collectives():
+    from ray.exceptions import ActorDiedError
+
+    errors = {0: worker_error(0, caught(raise_in_a_step)), 1: ActorDiedError()}
+    rank, phrase = failures.cause(errors)
+    assert (rank, phrase) == (1, "rank 1's process died")
+
+
+def test_the_cause_names_the_watchdog_and_else_the_exception():
+    def silent():
+        raise UnavailableError("Collective ops is aborted by: no progress for 60s: a peer is gone or stalled "
+                               "(--stall-timeout-s)")
+
+    assert failures.cause({0: worker_error(0, caught(silent))}) == (0, "no progress for 60s on rank 0")
+
+    def bug():
+        raise ValueError("shapes (128, 784) and (10,) not aligned")
+
+    assert failures.cause({2: worker_error(2, caught(bug))}) == (
+        2, "ValueError: shapes (128, 784) and (10,) not aligned on rank 2")
+
+
+def test_a_controller_failure_gives_its_first_line():
+    error = type("Failed", (), {"controller_failure": RuntimeError("could not start the workers\ndetails")})()
+    assert failures.explain(error, restarts=0) == "training failed: could not start the workers"
+
+
+def test_restart_records_append_and_read_back(tmp_path):
+    path = str(tmp_path / "run" / failures.RECORD)
+    (tmp_path / "run").mkdir()
+    assert failures.read_records(path) == []
+    for restart in (1, 2):
+        failures.append_record(path, {"restart": restart, "of": 3, "cause": "heartbeat timeout on rank 1",
+                                      "continuing_from_epoch": 3, "at_unix": 0.0, "workers": {1: "summary"}})
+    records = failures.read_records(path)
+    assert [r["restart"] for r in records] == [1, 2] and records[0]["workers"] == {"1": "summary"}
+
+
+@pytest.mark.parametrize("text", ["", "not json"])
+def test_an_unreadable_record_reads_as_no_restarts(tmp_path, text):
+    path = tmp_path / failures.RECORD
+    path.write_text(text)
+    assert failures.read_records(str(path)) == []

@@ -1,0 +1,137 @@
+"""What a failure looks like: a worker's error in a few lines, the restart line, and its record.
+
+A worker raises WorkerFailure in place of whatever it caught: a plain exception, so unpickling it on
+Ray Train's controller and on the driver imports nothing (a TensorFlow error there imported
+TensorFlow, whose C++ start-up notices then reached the console), carrying the last frame of the
+traceback, the exception in a few lines, and the path of the worker's full log.
+
+Ray Train calls backend.Restarts (a UserCallback, on its controller) after every report and every
+worker failure. Within --max-failures it prints one line per restart
+
+    restarted after a worker failure (heartbeat timeout on rank 1): continuing from epoch 3, restart 1 of 3
+
+and appends the same facts to <run>/restarts.json in the run's storage, which the driver copies into
+metrics.json["restarts"]. Past --max-failures it prints nothing: the driver says the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import traceback
+
+RECORD = "restarts.json"  # in <storage>/<run>/, beside Ray Train's checkpoints
+MARK = "WorkerFailure: "  # where a worker's summary starts in the traceback text Ray Train passes on
+MESSAGE_LINES = 6  # of an exception's message, after dropping TensorFlow's op-definition stack
+
+
+class WorkerFailure(RuntimeError):
+    """A worker's error, summarized where it happened (message: the summary, then the log line)."""
+
+
+def summarize(exc: BaseException, log_path: str | None) -> str:
+    """The last frame of `exc`'s traceback and the exception, in at most about 10 lines, then the log."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    lines = []
+    if frames:
+        last = frames[-1]
+        lines.append(f'  File "{last.filename}", line {last.lineno}, in {last.name}')
+        if last.line:
+            lines.append(f"    {last.line.strip()}")
+    lines += _message_lines(exc)
+    if log_path:
+        lines.append(f"full worker log: {log_path}")
+    return "\n".join(lines)
+
+
+def _message_lines(exc: BaseException) -> list[str]:
+    """`Type: message`, the message without TensorFlow's 'Detected at node ... defined at' stack,
+    blank lines and repeats, cut to MESSAGE_LINES lines of at most 300 characters."""
+    kept, skipping = [], False
+    for line in str(exc).splitlines():
+        text = line.strip()
+        if text.startswith("Detected at node"):
+            skipping = True
+            continue
+        if skipping and (text.startswith("File ") or not text):
+            continue
+        skipping = False
+        if text and text not in kept:
+            kept.append(text[:300])
+    head = f"{type(exc).__module__}.{type(exc).__name__}".removeprefix("builtins.")
+    return [f"{head}: {kept[0] if kept else ''}", *kept[1:MESSAGE_LINES]]
+
+
+def worker_summaries(worker_failures: dict) -> dict[int, str]:
+    """{rank: summary} from Ray Train's worker failures: a WorkerFailure's summary, else (a process
+    or node that died) the error's first lines."""
+    found = {}
+    for rank, error in sorted(worker_failures.items()):
+        text = str(error)
+        at = text.rfind(MARK)
+        found[rank] = text[at + len(MARK):].strip() if at >= 0 else "\n".join(text.strip().splitlines()[:3])
+    return found
+
+
+def cause(worker_failures: dict) -> tuple[int, str]:
+    """(rank, one phrase) for why the group failed, the root cause first: a worker that died, a peer
+    whose heartbeats stopped (the coordination service names its task, which is its rank), the
+    watchdog, else the first worker's exception."""
+    texts = {rank: str(error) for rank, error in sorted(worker_failures.items())}
+    for rank, text in texts.items():
+        if re.search(r"node .*(died|dead)|(died|dead) .*node", text, re.IGNORECASE) and "Actor" in text:
+            return rank, f"the node of rank {rank} was lost"
+    for rank, text in texts.items():
+        if re.search(r"ActorDiedError|actor died|worker died|has died", text, re.IGNORECASE):
+            return rank, f"rank {rank}'s process died"
+    for rank, text in texts.items():
+        frozen = re.search(r"task:(\d+) heartbeat timeout|stopped sending heartbeats\):\s*/job:worker/replica:0/task:(\d+)",
+                           text)
+        if frozen:
+            peer = int(frozen.group(1) or frozen.group(2))
+            return (peer if peer in texts else rank), f"heartbeat timeout on rank {peer}"
+    for rank, text in texts.items():
+        silent = re.search(r"no progress for ([\d.]+)s", text)
+        if silent:
+            return rank, f"no progress for {silent.group(1)}s on rank {rank}"
+    rank, text = next(iter(texts.items()))
+    summary = worker_summaries({rank: text})[rank].splitlines()
+    exception = next((line for line in summary if re.match(r"[\w.]+(Error|Exception|Failure)\b", line)),
+                     summary[-1] if summary else "unknown error")
+    return rank, f"{exception[:200]} on rank {rank}"
+
+
+def explain(error: BaseException, restarts: int) -> str:
+    """The driver's message when Ray Train gives up: one line with the cause and the restarts used,
+    then the failing worker's summary (last frame, exception, log path)."""
+    used = f" after {restarts} restart{'s' if restarts != 1 else ''}" if restarts else ""
+    worker_failures = getattr(error, "worker_failures", None)
+    if worker_failures:
+        rank, phrase = cause(worker_failures)
+        return f"training failed{used}: {phrase}\n" + worker_summaries(worker_failures)[rank]
+    inner = getattr(error, "controller_failure", None) or error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"training failed{used}: " + (lines[0][:300] if lines else type(inner).__name__)
+
+
+def append_record(path: str, entry: dict) -> None:
+    """Add `entry` to the JSON list at `path` (local or URI), replacing the file whole."""
+    from trainer.data import filesystem
+
+    fs, target = filesystem(path)
+    entries = read_records(path)
+    entries.append({**entry, "workers": {str(k): v for k, v in entry["workers"].items()}})
+    with fs.open_output_stream(target) as f:
+        f.write(json.dumps(entries, indent=2).encode())
+
+
+def read_records(path: str) -> list[dict]:
+    """The restarts recorded at `path`; none if it is missing or unreadable."""
+    from trainer.data import filesystem
+
+    fs, target = filesystem(path)
+    try:
+        with fs.open_input_stream(target) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return []
