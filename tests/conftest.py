@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "mnist_sample.npz"  # 3,000 train + 1,000 test real MNIST digits
 JOB = ROOT / "jobs" / "train_mnist.py"
-RAY_FILES = {"test_job.py", "test_faults.py", "test_multinode.py", "test_storage.py", "test_retrain.py",
+RAY_FILES = {"test_job.py", "test_faults.py", "test_multinode.py", "test_storage.py", "test_storage_faults.py", "test_retrain.py",
              "test_benchmark.py", "test_full_mnist.py"}  # every test in them starts Ray
 
 

@@ -67,15 +67,24 @@ def test_a_worker_failure_crosses_processes_without_importing_tensorflow():
     assert proc.stdout.decode().split() == ["WorkerFailure", "False"], proc.stderr.decode()[-2000:]
 
 
-def worker_error(rank: int, exc: BaseException) -> str:
-    """Ray Train's text for a worker's failure: the traceback of the WorkerFailure the worker raised."""
-    summary = failures.summarize(exc, f"/logs/mnist-{rank}.log")
-    return ("Traceback (most recent call last):\n  File \"/repo/trainer/worker.py\", line 40, in train_loop_per_worker\n"
-            f"    raise WorkerFailure(summarize(exc, log)) from None\ntrainer.failures.WorkerFailure: {summary}\n")
+def worker_failure(rank: int, exc: BaseException) -> failures.WorkerFailure:
+    """What Ray Train hands the controller for a worker whose loop raised: the WorkerFailure itself."""
+    return failures.WorkerFailure(failures.summarize(exc, f"/logs/mnist-{rank}.log"))
+
+
+def died(message: str):
+    """Ray Train's error for a worker whose actor died: its health check failed with Ray's ActorDiedError."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    context = ActorDiedErrorContext(error_message=message, class_name="RayTrainWorker", actor_id=b"\1" * 16, pid=42)
+    return WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(...)",
+                                        ActorDiedError(context))
 
 
 def test_the_cause_names_the_frozen_rank_from_the_heartbeat_error_and_its_summary_is_shown():
-    errors = {0: worker_error(0, caught(raise_in_a_step)), 1: worker_error(1, caught(raise_in_a_step))}
+    errors = {0: worker_failure(0, caught(raise_in_a_step)), 1: worker_failure(1, caught(raise_in_a_step))}
     assert failures.cause(errors) == (1, "heartbeat timeout on rank 1")
     message = failures.explain(type("Failed", (), {"worker_failures": errors})(), restarts=3)
     first, *rest = message.splitlines()
@@ -83,12 +92,14 @@ def test_the_cause_names_the_frozen_rank_from_the_heartbeat_error_and_its_summar
     assert rest[-1] == "full worker log: /logs/mnist-1.log" and len(rest) <= 10
 
 
-def test_the_cause_prefers_a_dead_process_over_its_peers_aborted_collectives():
-    from ray.exceptions import ActorDiedError
-
-    errors = {0: worker_error(0, caught(raise_in_a_step)), 1: ActorDiedError()}
-    rank, phrase = failures.cause(errors)
-    assert (rank, phrase) == (1, "rank 1's process died")
+def test_the_cause_prefers_a_dead_process_or_a_lost_node_over_its_peers_aborted_collectives():
+    killed = died("The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    errors = {0: worker_failure(0, caught(raise_in_a_step)), 1: killed}
+    assert failures.cause(errors) == (1, "rank 1's process died")
+    assert failures.worker_summaries(errors)[1] == (
+        "ActorDiedError: The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    lost = died("The actor died because its node has died. Node Id: 0123abcd")
+    assert failures.cause({0: worker_failure(0, caught(raise_in_a_step)), 1: lost}) == (1, "the node of rank 1 was lost")
 
 
 def test_the_cause_names_the_watchdog_and_else_the_exception():
@@ -96,12 +107,12 @@ def test_the_cause_names_the_watchdog_and_else_the_exception():
         raise UnavailableError("Collective ops is aborted by: no progress for 60s: a peer is gone or stalled "
                                "(--stall-timeout-s)")
 
-    assert failures.cause({0: worker_error(0, caught(silent))}) == (0, "no progress for 60s on rank 0")
+    assert failures.cause({0: worker_failure(0, caught(silent))}) == (0, "no progress for 60s on rank 0")
 
     def bug():
         raise ValueError("shapes (128, 784) and (10,) not aligned")
 
-    assert failures.cause({2: worker_error(2, caught(bug))}) == (
+    assert failures.cause({2: worker_failure(2, caught(bug))}) == (
         2, "ValueError: shapes (128, 784) and (10,) not aligned on rank 2")
 
 

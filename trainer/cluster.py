@@ -62,6 +62,11 @@ def prepare_environment(cfg: Config) -> None:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
     if not address(cfg):  # a Ray of this process's own: nobody scraping its metrics
         os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+        # Ray starts its workers at niceness 15, so that on a shared node its raylet keeps the CPU.
+        # On a Ray of this process's own the workers are the work: at 15, a CPU hog at normal
+        # priority on both cores left them about 3% of a core each (a sample run: no epoch in 6
+        # minutes, against 61 s at niceness 0 and 30 s with no hog; docs/operations.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def connect(ray, cfg: Config) -> None:

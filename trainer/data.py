@@ -8,6 +8,7 @@ Parquet directory written by `write_parquet` (local path or a pyarrow URI like s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -136,26 +137,32 @@ def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
     renames = isinstance(fs, pafs.LocalFileSystem)
     tmp = temporary_sibling(root) if renames else root
     fs.create_dir(tmp, recursive=True)
-    manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
-    shards, written = sum(-(-len(data.split(name)[0]) // rows_per_file) for name in SPLITS), 0  # ceil
-    for split in SPLITS:
-        x, y = data.split(split)
-        files = []
-        fs.create_dir(posixpath.join(tmp, split), recursive=True)
-        for i, start in enumerate(range(0, len(x), rows_per_file)):
-            stop = min(start + rows_per_file, len(x))
-            file = f"{split}/part-{i:05d}.parquet"
-            pq.write_table(_table(x[start:stop], y[start:stop], start), posixpath.join(tmp, file),
-                           filesystem=fs)
-            files.append({"path": file, "rows": stop - start})
-            written += 1
-            _progress(written, shards)
-        manifest["splits"][split] = {
-            "rows": len(x), "files": files,
-            "label_counts": np.bincount(y, minlength=10).tolist(),
-        }
-    with fs.open_output_stream(posixpath.join(tmp, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=2).encode())
+    try:
+        manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
+        shards, written = sum(-(-len(data.split(name)[0]) // rows_per_file) for name in SPLITS), 0  # ceil
+        for split in SPLITS:
+            x, y = data.split(split)
+            files = []
+            fs.create_dir(posixpath.join(tmp, split), recursive=True)
+            for i, start in enumerate(range(0, len(x), rows_per_file)):
+                stop = min(start + rows_per_file, len(x))
+                file = f"{split}/part-{i:05d}.parquet"
+                pq.write_table(_table(x[start:stop], y[start:stop], start), posixpath.join(tmp, file),
+                               filesystem=fs)
+                files.append({"path": file, "rows": stop - start})
+                written += 1
+                _progress(written, shards)
+            manifest["splits"][split] = {
+                "rows": len(x), "files": files,
+                "label_counts": np.bincount(y, minlength=10).tolist(),
+            }
+        with fs.open_output_stream(posixpath.join(tmp, MANIFEST)) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+    except BaseException:  # a full disk, a lost mount, Ctrl-C: no half-written folder left behind
+        if renames:
+            with contextlib.suppress(OSError):
+                fs.delete_dir(tmp)
+        raise
     if renames:
         if fs.get_file_info(root).type != pafs.FileType.NotFound:  # another writer finished first
             fs.delete_dir(tmp)

@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 
-from trainer import checkpoint, cluster, data, failures, quiet, timeline
+from trainer import checkpoint, cluster, data, failures, quiet, storage, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
@@ -38,10 +38,19 @@ def run(cfg: Config) -> dict:
     if cluster.address(cfg):
         cluster.check_reachable(cluster.address(cfg))
     start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
-    storage = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
+    storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
-    run_dir = data.join(storage, run_name)
-    parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), data.join(storage, DATA_DIR))
+    run_dir = data.join(storage_path, run_name)
+    # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
+    places = {"output": storage.Place.check("--output", cfg.output)}
+    if storage.local(storage_path):
+        places["storage"] = storage.Place.check("--storage-path", storage_path)
+    try:
+        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), data.join(storage_path, DATA_DIR))
+    except OSError as exc:
+        if "storage" not in places:
+            raise
+        raise places["storage"].error(exc, "writing the prepared data") from None
     train_rows = manifest["splits"]["train"]["rows"]
     if steps_per_epoch(train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
         raise ValueError(f"{train_rows} training rows split over {cfg.max_workers} workers is less than one "
@@ -60,9 +69,9 @@ def run(cfg: Config) -> dict:
         print(f"run {run_name} finished training; evaluating its last checkpoint", flush=True)
         final = latest[0]
     else:
-        print(f"run: {run_name} in {storage} (rerun with --run-name {run_name} to resume)", flush=True)
+        print(f"run: {run_name} in {storage_path} (rerun with --run-name {run_name} to resume)", flush=True)
         epochs_done = latest[1]["epochs_done"] if latest else 0
-        final = _train(cfg, parquet_dir, train_rows, storage, run_name, marks, start, epochs_done).checkpoint
+        final = _train(cfg, parquet_dir, train_rows, storage_path, run_name, marks, start, epochs_done).checkpoint
 
     quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
     from trainer import report
@@ -80,14 +89,14 @@ def run(cfg: Config) -> dict:
         "init": start.describe() if start else None,
         "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": timeline.resizes(meta["history"]),
         "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
-        "run": {"name": run_name, "storage_path": storage, "checkpoint": final.path},
+        "run": {"name": run_name, "storage_path": storage_path, "checkpoint": final.path},
         "restarts": failures.read_records(data.join(run_dir, failures.RECORD)),
     }
     evaluation = report.evaluation_report(mnist.y_test, probs)
     # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
     worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
     published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, data.join(run_dir, PUBLISHED),
-                               marks, worker_marks)
+                               marks, worker_marks, places)
     print(report.format_report(evaluation), flush=True)
     print(f"test accuracy: {test_accuracy:.4f}", flush=True)
     print(f"model saved to {os.path.join(cfg.output, 'mnist.keras')} and mnist.h5 "
@@ -99,13 +108,32 @@ def run(cfg: Config) -> dict:
 
 
 def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: dict, published: str,
-                   marks: dict, worker_marks: list[dict]) -> str:
+                   marks: dict, worker_marks: list[dict], places: dict) -> str:
     """Model files, report and plots, then metrics.json, into --output (each atomically), then the
-    same files into <run>/model in the storage path (metrics.json last: it marks them complete)."""
+    same files into <run>/model in the storage path (metrics.json last: it marks them complete).
+    A place that fails gives a StorageError naming it; each file is the old one or the new one."""
+    for place in places.values():
+        place.unchanged()
+    try:
+        _write_local_outputs(cfg, model, metrics, mnist, probs, evaluation, marks, worker_marks)
+    except OSError as exc:
+        raise places["output"].error(exc, "writing the model and reports") from None
     from trainer import export, report
 
-    os.makedirs(cfg.output, exist_ok=True)
     names = [*MODEL_FILES, *report.FILES] + ([export.DIRECTORY] if cfg.export_savedmodel else [])
+    try:
+        publish([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
+    except OSError as exc:
+        if "storage" not in places:
+            raise
+        raise places["storage"].error(exc, f"publishing the outputs to {published}") from None
+    return published
+
+
+def _write_local_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: dict, marks: dict,
+                         worker_marks: list[dict]) -> None:
+    from trainer import export, report
+
     for name in MODEL_FILES:
         save_model_atomic(model, os.path.join(cfg.output, name))
     if cfg.export_savedmodel:
@@ -116,8 +144,6 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: 
     metrics["timeline"] = timeline.merge(marks, worker_marks)
     metrics["wall_seconds"] = metrics["timeline"]["outputs_written"]
     write_json_atomic(os.path.join(cfg.output, "metrics.json"), metrics)
-    publish([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
-    return published
 
 
 def _warm_start(cfg: Config):

@@ -17,6 +17,7 @@ metrics.json["restarts"]. Past --max-failures it prints nothing: the driver says
 from __future__ import annotations
 
 import json
+import os
 import re
 import traceback
 
@@ -30,11 +31,13 @@ class WorkerFailure(RuntimeError):
 
 
 def summarize(exc: BaseException, log_path: str | None) -> str:
-    """The last frame of `exc`'s traceback and the exception, in at most about 10 lines, then the log."""
+    """The last frame of `exc`'s traceback in this project's code (else the last frame), and the
+    exception, in at most about 10 lines, then the log's path."""
     frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f"{os.sep}trainer{os.sep}" in f.filename]  # TensorFlow's re-raise frames say little
     lines = []
     if frames:
-        last = frames[-1]
+        last = (ours or frames)[-1]
         lines.append(f'  File "{last.filename}", line {last.lineno}, in {last.name}')
         if last.line:
             lines.append(f"    {last.line.strip()}")
@@ -64,40 +67,48 @@ def _message_lines(exc: BaseException) -> list[str]:
 
 def worker_summaries(worker_failures: dict) -> dict[int, str]:
     """{rank: summary} from Ray Train's worker failures: a WorkerFailure's summary, else (a process
-    or node that died) the error's first lines."""
+    or node that died) the error's type and the line that says why."""
     found = {}
     for rank, error in sorted(worker_failures.items()):
         text = str(error)
-        at = text.rfind(MARK)
-        found[rank] = text[at + len(MARK):].strip() if at >= 0 else "\n".join(text.strip().splitlines()[:3])
+        if isinstance(error, WorkerFailure):
+            found[rank] = text
+        elif MARK in text:  # the traceback text of one, as Ray Train may pass it on
+            found[rank] = text[text.rfind(MARK) + len(MARK):].strip()
+        else:
+            failure = getattr(error, "health_check_failure", None) or error  # Ray Train's wrapper, unwrapped
+            lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+            why = next((line for line in lines if "because" in line), lines[0] if lines else "")
+            found[rank] = f"{type(failure).__name__}: {why[:300]}"
     return found
 
 
 def cause(worker_failures: dict) -> tuple[int, str]:
-    """(rank, one phrase) for why the group failed, the root cause first: a worker that died, a peer
-    whose heartbeats stopped (the coordination service names its task, which is its rank), the
-    watchdog, else the first worker's exception."""
-    texts = {rank: str(error) for rank, error in sorted(worker_failures.items())}
-    for rank, text in texts.items():
-        if re.search(r"node .*(died|dead)|(died|dead) .*node", text, re.IGNORECASE) and "Actor" in text:
+    """(rank, one phrase) for why the group failed, the root cause first: a worker whose node went or
+    whose process died (Ray says so), a peer whose heartbeats stopped (the coordination service
+    names its task, which is its rank), the watchdog, else the first worker's exception."""
+    summaries = worker_summaries(worker_failures)
+    dead = {rank: s for rank, s in summaries.items() if not isinstance(worker_failures[rank], WorkerFailure)}
+    for rank, summary in dead.items():
+        if re.search(r"its node (has )?died|node has died|NodeDied", summary):
             return rank, f"the node of rank {rank} was lost"
-    for rank, text in texts.items():
-        if re.search(r"ActorDiedError|actor died|worker died|has died", text, re.IGNORECASE):
+    for rank, summary in dead.items():
+        if re.search(r"ActorDied|worker process has died|actor (is|has) dead|actor died", summary, re.IGNORECASE):
             return rank, f"rank {rank}'s process died"
-    for rank, text in texts.items():
+    for rank, summary in summaries.items():
         frozen = re.search(r"task:(\d+) heartbeat timeout|stopped sending heartbeats\):\s*/job:worker/replica:0/task:(\d+)",
-                           text)
+                           summary)
         if frozen:
             peer = int(frozen.group(1) or frozen.group(2))
-            return (peer if peer in texts else rank), f"heartbeat timeout on rank {peer}"
-    for rank, text in texts.items():
-        silent = re.search(r"no progress for ([\d.]+)s", text)
+            return (peer if peer in summaries else rank), f"heartbeat timeout on rank {peer}"
+    for rank, summary in summaries.items():
+        silent = re.search(r"no progress for ([\d.]+)s", summary)
         if silent:
             return rank, f"no progress for {silent.group(1)}s on rank {rank}"
-    rank, text = next(iter(texts.items()))
-    summary = worker_summaries({rank: text})[rank].splitlines()
-    exception = next((line for line in summary if re.match(r"[\w.]+(Error|Exception|Failure)\b", line)),
-                     summary[-1] if summary else "unknown error")
+    rank, summary = next(iter(summaries.items()))
+    lines = summary.splitlines()
+    exception = next((line for line in lines if re.match(r"[\w.]+(Error|Exception|Failure)\b", line)),
+                     lines[-1] if lines else "unknown error")
     return rank, f"{exception[:200]} on rank {rank}"
 
 

@@ -41,17 +41,18 @@ def held(path: str):
     finally:
         stop.set()
         beat.join()
-        release(path, owner["token"])
+        with contextlib.suppress(OSError):  # a store whose mount is gone: the block's error says why
+            release(path, owner["token"])
 
 
 def acquire(path: str) -> dict:
     me = _lock_record()
     tmp = f"{path}.{me['token']}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(me, f)
-        f.flush()
-        os.fsync(f.fileno())
     try:
+        with open(tmp, "w") as f:  # a full disk fails here: the finally removes the half-written file
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
         for _ in range(3):  # retried after a stale lock is taken over or a holder just released
             try:
                 os.link(tmp, path)
@@ -67,7 +68,8 @@ def acquire(path: str) -> dict:
                 me["took_over"] = holder
         raise LockHeld(f"{path} keeps changing hands; another retraining run is starting")
     finally:
-        os.remove(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def release(path: str, token: str) -> None:

@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 from dataclasses import dataclass
 
-from trainer import cli, data, quiet, warm
+from trainer import cli, data, quiet, storage, warm
 from trainer.config import Config
 from trainer.lock import LockHeld
 from trainer.policy import FAILED, PASSED, REJECTED, fingerprint, gate, iso, new_version_id, status_of, utc_now
-from trainer.store import DATA, RUNS, Store, StoreError
+from trainer.store import DATA, RUNS, STAGING, Store, StoreError
 
 DESCRIPTION = ("Retrain the MNIST model into a versioned model store; promote it only if it is "
                "not worse than the current one. Takes every training flag too.")
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.cluster import ClusterError
     from trainer.driver import TrainingError
+    from trainer.storage import StorageError, cause
 
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd stop: unlock on the way out
     try:
@@ -122,14 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             return cli.fail(f"{exc}; roll back when it has finished", code=1)
         print(f"{exc}; not starting another", flush=True)
         return 0
-    except (StoreError, DataError, ClusterError, CheckpointError, TrainingError, ValueError) as exc:
+    except (StoreError, DataError, ClusterError, CheckpointError, TrainingError, StorageError, ValueError) as exc:
         return cli.fail(str(exc), code=1)
+    except OSError as exc:  # the store's disk failed under a step the checks did not name: still one line
+        return cli.fail(f"--store {store.root}: {exc.filename + ': ' if exc.filename else ''}{cause(exc)}; "
+                        "current.json is unchanged", code=1)
     except KeyboardInterrupt:
         return cli.fail("interrupted; current.json is unchanged", code=130)
 
 
 def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None = None) -> int:
     """One cycle; `warm_epochs` (--warm-start) trains that long from the current version, if any."""
+    place = storage.Place.check("--store", store.root)  # read-only or full: one line, before the lock
     store.create()
     with store.locked() as owner:
         if owner.get("took_over"):
@@ -172,9 +178,13 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
             metrics = driver.run(run_cfg)
         except BaseException as exc:  # Ctrl-C and SIGTERM too: every run leaves a record
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
-            store.register_failure(vid, {**record, "decision": FAILED, "reason": reason,
-                                         "finished": iso(utc_now())})
+            try:
+                store.register_failure(vid, {**record, "decision": FAILED, "reason": reason,
+                                             "finished": iso(utc_now())})
+            except OSError:  # the store's disk is what failed: no record, and no half of one
+                shutil.rmtree(store.path(STAGING, vid), ignore_errors=True)
             raise
+        place.unchanged()  # the store's mount still there before anything is registered in it
         passed, reason = gate(metrics["test_accuracy"], baseline, policy.tolerance, policy.min_accuracy)
         record.update({
             "decision": PASSED if passed else REJECTED, "reason": reason,

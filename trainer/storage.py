@@ -1,0 +1,71 @@
+"""Where a run writes on local disk (--output, --storage-path, --store), checked before any work and
+again before the outputs are written; a fault there is one line that names the path and the cause.
+
+A full disk, a read-only directory and a mount that vanished all surface as OSError somewhere deep
+(h5py, pyarrow, the lock). `Place.check` finds the first two before any data or training work;
+`Place.unchanged` finds the third before anything is written: an NFS or tmpfs mount that went away
+leaves its mount point as a plain folder on the disk below, where a write would succeed, silently,
+in the wrong place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+
+class StorageError(RuntimeError):
+    """A place the run writes to cannot be written: the message names the flag, the path and why."""
+
+
+def cause(exc: BaseException) -> str:
+    """An OSError's reason in a few words ('No space left on device'), else its first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Place:
+    flag: str  # the option that named it, for the message
+    path: str
+    device: int  # st_dev of the folder when checked: another one later means the mount changed
+
+    @classmethod
+    def check(cls, flag: str, path: str) -> "Place":
+        """Create `path` if needed and write, sync and remove a probe file in it: a read-only or full
+        disk fails here, in a second, with StorageError."""
+        path = os.path.abspath(path)
+        probe = os.path.join(path, f".write-check-{uuid.uuid4().hex[:8]}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"{flag} {path}: cannot write there ({cause(exc)})") from None
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+        return cls(flag, path, os.stat(path).st_dev)
+
+    def unchanged(self) -> None:
+        """StorageError if the folder is gone, or is now on another filesystem than when checked."""
+        try:
+            device = os.stat(self.path).st_dev
+        except OSError as exc:
+            raise StorageError(f"{self.flag} {self.path} is gone ({cause(exc)}); was its mount lost?") from None
+        if device != self.device:
+            raise StorageError(f"{self.flag} {self.path} is no longer the filesystem it was when the run "
+                               "started (its mount was lost?); nothing written there")
+
+    def error(self, exc: BaseException, doing: str) -> StorageError:
+        """The one-line StorageError for an OSError met while `doing` something in this place."""
+        return StorageError(f"{self.flag} {self.path}: {doing} failed ({cause(exc)})")
+
+
+def local(path: str | None) -> bool:
+    return bool(path) and "://" not in path
