@@ -102,6 +102,19 @@ def test_the_cause_prefers_a_dead_process_or_a_lost_node_over_its_peers_aborted_
     assert failures.cause({0: worker_failure(0, caught(raise_in_a_step)), 1: lost}) == (1, "the node of rank 1 was lost")
 
 
+def test_the_cause_names_a_peer_whose_connection_dropped():
+    """What rank 0 raised when rank 1's node was removed without grace (tests/test_faults.py)."""
+    def reset():
+        raise UnavailableError(
+            "Graph execution error:\n\nCollective ops is aborted by: recvmsg:Connection reset by peer\n"
+            "Additional GRPC error information from remote target /job:worker/replica:0/task:1 while calling "
+            "/tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer  {grpc_status:14}\n"
+            "Additional GRPC error information from remote target /job:worker/replica:0/task:2 while calling "
+            "/tensorflow.WorkerService/RecvBuf:")
+
+    assert failures.cause({0: worker_failure(0, caught(reset))}) == (0, "lost the connection to rank 1")
+
+
 def test_the_cause_names_the_watchdog_and_else_the_exception():
     def silent():
         raise UnavailableError("Collective ops is aborted by: no progress for 60s: a peer is gone or stalled "
@@ -137,3 +150,15 @@ def test_an_unreadable_record_reads_as_no_restarts(tmp_path, text):
     path = tmp_path / failures.RECORD
     path.write_text(text)
     assert failures.read_records(str(path)) == []
+
+
+def test_the_local_trainer_still_drops_rays_placement_group_cleaner():
+    """trainer/backend.py reaches into Ray Train's internals for a faster local start, and falls back
+    to the stock trainer if an upgrade moves them; this says so loudly instead."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from trainer.backend import trainer_class
+
+    assert trainer_class(local=False) is DataParallelTrainer
+    local = trainer_class(local=True)
+    assert local is not DataParallelTrainer and issubclass(local, DataParallelTrainer)

@@ -88,11 +88,16 @@ def trainer_class(local: bool):
     """Ray Train's DataParallelTrainer; for a Ray this process started, one without the placement
     group cleaner: that detached actor polls the dashboard's state API every second so that a
     controller that dies on a shared cluster leaves no reserved CPUs behind. A local Ray ends with
-    this process, placement groups and all, and runs without a dashboard (seconds of start-up)."""
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    this process, placement groups and all, and runs without a dashboard (seconds of start-up).
+    The cleaner and the hook that creates it are Ray's internals: if an upgrade moves either, the
+    stock trainer runs (a few seconds slower to start), not an ImportError."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    if not local:
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return DataParallelTrainer
+    if not local or not hasattr(DataParallelTrainer, "_create_default_callbacks"):
         return DataParallelTrainer
 
     class LocalTrainer(DataParallelTrainer):

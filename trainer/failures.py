@@ -101,6 +101,12 @@ def cause(worker_failures: dict) -> tuple[int, str]:
         if frozen:
             peer = int(frozen.group(1) or frozen.group(2))
             return (peer if peer in summaries else rank), f"heartbeat timeout on rank {peer}"
+    for rank, summary in summaries.items():  # a peer's process or node gone: its connection dropped
+        lost = re.search(r"(Connection reset by peer|Socket closed|Connection refused|failed to connect)[\s\S]*?"
+                         r"remote target /job:worker/replica:0/task:(\d+)", summary)
+        if lost:
+            peer = int(lost.group(2))
+            return (peer if peer in summaries else rank), f"lost the connection to rank {peer}"
     for rank, summary in summaries.items():
         silent = re.search(r"no progress for ([\d.]+)s", summary)
         if silent:

@@ -11,6 +11,7 @@ in the wrong place.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -20,11 +21,13 @@ class StorageError(RuntimeError):
 
 
 def cause(exc: BaseException) -> str:
-    """An OSError's reason in a few words ('No space left on device'), else its first line."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    """An OSError's reason in a few words ('No space left on device'), also from pyarrow's wording
+    ('Error writing bytes to file. Detail: [errno 28] ...'), else its first line."""
+    text = ((exc.strerror if isinstance(exc, OSError) else None) or str(exc)).strip()
+    code = re.search(r"\[errno (\d+)\]", text, re.IGNORECASE)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
