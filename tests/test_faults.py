@@ -188,6 +188,7 @@ def test_a_failure_past_the_retries_ends_in_a_few_lines_with_the_cause_and_the_l
                 os.kill(pid, signal.SIGKILL)
     assert len(frozen) == 2 and code == 1, out[-2000:] + err[-3000:]
     console = (out + err).strip().splitlines()
+    print("\n".join(console))  # for docs/operations.md (shown with -s)
     error_at = next(i for i, line in enumerate(console) if line.startswith("error: "))
     ending = console[error_at:]
     assert ending[0] in ("error: training failed after 1 restart: heartbeat timeout on rank 1",

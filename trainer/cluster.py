@@ -82,7 +82,8 @@ def connect(ray, cfg: Config) -> None:
     # (ray.data.from_arrow), so splitting them runs no tasks, even with every CPU held by a worker.
     ray.init(address="local", num_cpus=cfg.local_cpus or os.cpu_count() or 1,
              num_gpus=None if cfg.use_gpu else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level)
+             _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level,
+             runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.quiet.route_unraisable"})
 
 
 def on_loopback(joined: str | None) -> bool:

@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import tempfile
+import traceback
 
 
 @contextlib.contextmanager
@@ -70,3 +71,16 @@ def quiet_ray_train_console() -> None:
     for handler in logging.getLogger("ray.train").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.CRITICAL)
+
+
+def route_unraisable() -> None:
+    """Ray's worker_process_setup_hook for a quiet run: what Python can only report ("Exception
+    ignored in ... __del__"), such as Ray Data's SplitCoordinator stopped by Ray's SIGTERM inside
+    its executor's __del__ whenever the worker group is torn down (a restart, a failed run), goes to
+    log_file(), not to the console."""
+    def to_log(unraisable) -> None:
+        with open(log_file(), "a") as f:
+            f.write(f"{unraisable.err_msg or 'Exception ignored in'}: {unraisable.object!r}\n")
+            traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, file=f)
+
+    sys.unraisablehook = to_log
