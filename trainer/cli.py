@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.cluster import ClusterError
     from trainer.data import DataError
     from trainer.driver import TrainingError, run
-    from trainer.storage import StorageError, cause
+    from trainer.storage import StorageError, describe
     from trainer.store import StoreError
 
     try:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ClusterError, CheckpointError, TrainingError, StoreError, StorageError, ValueError) as exc:
         return fail(str(exc), code=1)
     except OSError as exc:  # storage the checks above did not name: still one line, with the path
-        return fail(f"{exc.filename + ': ' if exc.filename else ''}{cause(exc)}", code=1)
+        return fail(describe(exc), code=1)
     except KeyboardInterrupt:
         return fail("interrupted; the latest checkpoint is kept: rerun with the same --run-name "
                     "and --storage-path to resume", code=130)

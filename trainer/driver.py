@@ -42,15 +42,10 @@ def run(cfg: Config) -> dict:
     run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
     run_dir = data.join(storage_path, run_name)
     # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
-    places = {"output": storage.Place.check("--output", cfg.output)}
-    if storage.local(storage_path):
-        places["storage"] = storage.Place.check("--storage-path", storage_path)
-    try:
+    places = {"output": storage.Place.check("--output", cfg.output),
+              "storage": storage.Place.check("--storage-path", storage_path) if storage.local(storage_path) else None}
+    with storage.writing(places["storage"], "writing the prepared data"):
         parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), data.join(storage_path, DATA_DIR))
-    except OSError as exc:
-        if "storage" not in places:
-            raise
-        raise places["storage"].error(exc, "writing the prepared data") from None
     train_rows = manifest["splits"]["train"]["rows"]
     if steps_per_epoch(train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
         raise ValueError(f"{train_rows} training rows split over {cfg.max_workers} workers is less than one "
@@ -111,22 +106,17 @@ def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: 
                    marks: dict, worker_marks: list[dict], places: dict) -> str:
     """Model files, report and plots, then metrics.json, into --output (each atomically), then the
     same files into <run>/model in the storage path (metrics.json last: it marks them complete).
-    A place that fails gives a StorageError naming it; each file is the old one or the new one."""
-    for place in places.values():
+    A place that fails gives a StorageError naming it; each file is the old one or the new one.
+    `places`: the checked --output and --storage-path (None for an object store's URI)."""
+    for place in filter(None, places.values()):
         place.unchanged()
-    try:
+    with storage.writing(places["output"], "writing the model and reports"):
         _write_local_outputs(cfg, model, metrics, mnist, probs, evaluation, marks, worker_marks)
-    except OSError as exc:
-        raise places["output"].error(exc, "writing the model and reports") from None
     from trainer import export, report
 
     names = [*MODEL_FILES, *report.FILES] + ([export.DIRECTORY] if cfg.export_savedmodel else [])
-    try:
+    with storage.writing(places["storage"], f"publishing the outputs to {published}"):
         publish([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
-    except OSError as exc:
-        if "storage" not in places:
-            raise
-        raise places["storage"].error(exc, f"publishing the outputs to {published}") from None
     return published
 
 

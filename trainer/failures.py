@@ -22,7 +22,6 @@ import re
 import traceback
 
 RECORD = "restarts.json"  # in <storage>/<run>/, beside Ray Train's checkpoints
-MARK = "WorkerFailure: "  # where a worker's summary starts in the traceback text Ray Train passes on
 MESSAGE_LINES = 6  # of an exception's message, after dropping TensorFlow's op-definition stack
 
 
@@ -70,11 +69,8 @@ def worker_summaries(worker_failures: dict) -> dict[int, str]:
     or node that died) the error's type and the line that says why."""
     found = {}
     for rank, error in sorted(worker_failures.items()):
-        text = str(error)
-        if isinstance(error, WorkerFailure):
-            found[rank] = text
-        elif MARK in text:  # the traceback text of one, as Ray Train may pass it on
-            found[rank] = text[text.rfind(MARK) + len(MARK):].strip()
+        if isinstance(error, WorkerFailure):  # Ray Train hands on the exception the loop raised
+            found[rank] = str(error)
         else:
             failure = getattr(error, "health_check_failure", None) or error  # Ray Train's wrapper, unwrapped
             lines = [line.strip() for line in str(failure).splitlines() if line.strip()]

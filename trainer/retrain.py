@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.cluster import ClusterError
     from trainer.driver import TrainingError
-    from trainer.storage import StorageError, cause
+    from trainer.storage import StorageError, describe
 
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd stop: unlock on the way out
     try:
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, DataError, ClusterError, CheckpointError, TrainingError, StorageError, ValueError) as exc:
         return cli.fail(str(exc), code=1)
     except OSError as exc:  # the store's disk failed under a step the checks did not name: still one line
-        return cli.fail(f"--store {store.root}: {exc.filename + ': ' if exc.filename else ''}{cause(exc)}; "
-                        "current.json is unchanged", code=1)
+        return cli.fail(f"--store {store.root}: {describe(exc)}; current.json is unchanged", code=1)
     except KeyboardInterrupt:
         return cli.fail("interrupted; current.json is unchanged", code=130)
 

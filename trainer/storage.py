@@ -10,6 +10,7 @@ in the wrong place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -28,6 +29,11 @@ def cause(exc: BaseException) -> str:
     if code:
         return os.strerror(int(code.group(1)))
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def describe(exc: OSError) -> str:
+    """An OSError no check named, in one line: its path, if it has one, and its cause."""
+    return f"{exc.filename + ': ' if exc.filename else ''}{cause(exc)}"
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,18 @@ class Place:
             raise StorageError(f"{self.flag} {self.path} is no longer the filesystem it was when the run "
                                "started (its mount was lost?); nothing written there")
 
-    def error(self, exc: BaseException, doing: str) -> StorageError:
-        """The one-line StorageError for an OSError met while `doing` something in this place."""
-        return StorageError(f"{self.flag} {self.path}: {doing} failed ({cause(exc)})")
+
+
+@contextlib.contextmanager
+def writing(place: Place | None, doing: str):
+    """An OSError in the block becomes the one-line StorageError naming `place` and what was being
+    done there; with no place (an object store's URI, not checked) it passes on unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if place is None:
+            raise
+        raise StorageError(f"{place.flag} {place.path}: {doing} failed ({cause(exc)})") from None
 
 
 def local(path: str | None) -> bool:

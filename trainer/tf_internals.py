@@ -15,6 +15,8 @@ against the installed TensorFlow.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,12 +49,12 @@ def resolve(tf) -> Internals:
     def configure_coordination(heartbeat_timeout_s: float) -> None:
         """What MultiWorkerMirroredStrategy would configure, with our heartbeat timeout; it keeps a
         configuration that is already there (collective_all_reduce_strategy.py)."""
-        tf_config = _tf_config()
+        workers = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]  # set by trainer/backend.py
         ctx.configure_coordination_service(
             service_type="standalone", service_leader="/job:worker/replica:0/task:0",
             heartbeat_timeout_in_ms=int(heartbeat_timeout_s * 1000),
             coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
-                name="worker", num_tasks=len(tf_config["cluster"]["worker"]))])
+                name="worker", num_tasks=len(workers))])
 
     def abort_collectives(message: str) -> None:
         ctx.abort_collective_ops(tf.errors.UNAVAILABLE, message)
@@ -67,9 +69,3 @@ def heartbeat_timeout_s() -> float | None:
     config = context.context().coordination_service
     return None if config is None else config.heartbeat_timeout_in_ms / 1000
 
-
-def _tf_config() -> dict:
-    import json
-    import os
-
-    return json.loads(os.environ["TF_CONFIG"])
