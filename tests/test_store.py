@@ -1,4 +1,4 @@
-"""The model store without Ray: gate, pointer, prune, rollback, and the lock across real processes."""
+"""The model store without Ray: pointer, prune, rollback, old stores, and the lock across real processes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ROOT, SAMPLE
 from trainer import lock as lock_module, retrain
 from trainer.lock import LockHeld
-from trainer.policy import FAILED, PASSED, REJECTED, fingerprint, gate, iso, new_version_id, status_of, utc_now
+from trainer.policy import FAILED, PASSED, REFUSED, REJECTED, fingerprint, iso, new_version_id, status_of, utc_now
 from trainer.store import RUNS, Store, StoreError
 
 # A child that takes the lock and holds it until its stdin closes (or it is killed).
@@ -90,21 +90,6 @@ def test_version_ids_sort_by_time_and_are_unique():
     assert sorted(ids) == [ids[1], ids[0], ids[2]]
     assert ids[1].startswith("20261128T020500Z-") and len(ids[1]) == 23
     assert len({new_version_id(at(2)) for _ in range(50)}) == 50
-
-
-@pytest.mark.parametrize("accuracy, baseline, promoted, why", [
-    (0.980, None, True, "no current model"),
-    (0.960, None, False, "below the floor 0.9700"),
-    (0.979, 0.980, True, ">= current 0.9800"),  # within the 0.002 tolerance
-    (0.978, 0.980, True, ">= current 0.9800"),  # exactly at the edge
-    (0.977, 0.980, False, "more than 0.0020 (--tolerance) below the current model's 0.9800"),
-    (0.990, 0.980, True, ">= current"),
-    (0.969, 0.950, False, "below the floor"),  # better than current, still under the floor
-])
-def test_gate(accuracy, baseline, promoted, why):
-    ok, reason = gate(accuracy, baseline, tolerance=0.002, min_accuracy=0.97)
-    assert ok is promoted and why in reason
-    assert "\n" not in reason
 
 
 def test_fingerprint_ignores_where_a_run_ran_but_not_the_recipe_or_data():
@@ -297,12 +282,45 @@ def test_a_version_whose_parent_was_rejected_or_rolled_back_is_still_valid(store
 def test_retrain_refuses_flags_it_sets_itself(store, capsys):
     assert retrain.main(["--store", store.root, "--output", "elsewhere"]) == 2
     assert "--output is chosen by retrain" in capsys.readouterr().err
-    assert retrain.main(["--store", store.root, "--tolerance", "-1"]) == 2
+    assert retrain.main(["--store", store.root, "--alpha", "0"]) == 2
+    assert "alpha must lie strictly between 0 and 1, got 0.0" in capsys.readouterr().err
     assert retrain.main(["--store", store.root, "--warm-start", "--init-from", "x.keras"]) == 2
     assert "--warm-start starts from the store's current version" in capsys.readouterr().err
     assert retrain.main(["--store", store.root, "--warm-start", "--warm-epochs", "0"]) == 2
     assert retrain.main(["--data", str(SAMPLE)]) == 2
     assert "--store DIR is required" in capsys.readouterr().err
+
+
+def test_a_store_written_before_the_paired_gate_still_lists_and_rolls_back(store, capsys):
+    """Records as the tolerance gate wrote them (no discordant counts, no profile): listed with
+    dashes, rolled back to, and --tolerance is still accepted (as --margin), with a notice."""
+    old_gate = {"tolerance": 0.002, "min_accuracy": 0.97, "baseline_version": None, "baseline_accuracy": None}
+    first = add_version(store, accuracy=0.975, when=at(2))
+    second = add_version(store, REJECTED, accuracy=0.970, when=at(3))
+    third = add_version(store, accuracy=0.978, when=at(4))
+    for vid, baseline in ((first, None), (second, first), (third, first)):
+        record = store.record(vid)
+        record["gate"] = {**old_gate, "baseline_version": baseline}
+        with open(store.path("versions", vid, "version.json"), "w") as f:
+            json.dump(record, f)
+    capsys.readouterr()
+    assert retrain.main(["--store", store.root, "--list", "--tolerance", "0.002"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("notice: --tolerance is deprecated; it sets --margin, which the gate now tests with a paired "
+                   "test (see --help)\n")
+    header, *rows = out.splitlines()
+    vs = header.index("VS CURRENT")
+    assert [row[vs:].split()[:2] for row in rows] == [["-", "-"]] * 3
+    assert [row.split()[1] for row in rows] == ["promoted", "rejected", "current"]
+    assert retrain.main(["--store", store.root, "--rollback", first]) == 0
+    assert store.current_id() == first
+
+
+def test_a_refused_version_has_no_model_to_roll_back_to(store):
+    add_version(store, accuracy=0.975, when=at(2))
+    refused = add_version(store, REFUSED, when=at(3))
+    with pytest.raises(StoreError, match=f"version {refused} refused to train and has no model"):
+        store.rollback(refused, force=True)
 
 
 # ---------------------------------------------------------------------------- the lock

@@ -1,5 +1,5 @@
-"""The retraining policy: version ids, the promotion gate, what a model is a function of, and a
-version's status. Pure functions; nothing here touches the disk.
+"""The retraining policy: the promotion settings, version ids, what a model is a function of, and
+a version's status. Pure; nothing here touches the disk.
 """
 
 from __future__ import annotations
@@ -7,16 +7,41 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from trainer.config import RESULT, WEIGHTS, fields_shaping
 
-PASSED, REJECTED, FAILED = "passed", "rejected", "failed"  # a version's gate decision, fixed at birth
+# A version's decision, fixed at birth: passed the gate; rejected by the gate or the canary; failed
+# to train; refused to train on its data (trainer/data_checks.py).
+PASSED, REJECTED, FAILED, REFUSED = "passed", "rejected", "failed", "refused"
+NO_MODEL = (FAILED, REFUSED)
 VERSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
-ACCURACY_SLACK = 1e-9  # accuracies are float32 fractions; equal must compare equal after subtraction
 # What a model learns from, besides the data's content: the fields marked so in Config. Where and
 # how a run executes (paths, the cluster, logging, the source's path) is no reason to retrain.
 LEARNED_FROM = fields_shaping(WEIGHTS, RESULT)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a cycle promotes (trainer/gate.py reads the first three) and how many versions it keeps."""
+    alpha: float = 0.05  # at most this chance of rejecting a model within the margins (overall and digits together)
+    margin: float = 0.002  # reject only a model significantly worse than this (0.2 points of accuracy) ...
+    digit_margin: float = 0.02  # ... or than 2 points of one digit's recall: the recipe's run-to-run spread
+    require_improvement: bool = False  # promote only a model significantly better than the current one
+    min_accuracy: float = 0.97  # the floor, whatever the current model scores
+    keep_versions: int = 10
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must lie strictly between 0 and 1, got {self.alpha}")
+        for name in ("margin", "digit_margin"):
+            if not 0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must lie in 0..0.5 (a fraction of the images), got {getattr(self, name)}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"min_accuracy must lie in 0..1, got {self.min_accuracy}")
+        if self.keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {self.keep_versions}")
 
 
 def utc_now() -> datetime:
@@ -31,20 +56,6 @@ def new_version_id(now: datetime | None = None) -> str:
     return f"{(now or utc_now()).astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def gate(accuracy: float, baseline: float | None, tolerance: float,
-         min_accuracy: float) -> tuple[bool, str]:
-    """(promote?, why): at least the floor, and at least the current model's accuracy - tolerance."""
-    if accuracy + ACCURACY_SLACK < min_accuracy:
-        return False, f"test accuracy {accuracy:.4f} is below the floor {min_accuracy:.4f} (--min-accuracy)"
-    if baseline is None:
-        return True, f"test accuracy {accuracy:.4f} >= floor {min_accuracy:.4f}; there was no current model"
-    if accuracy + ACCURACY_SLACK < baseline - tolerance:
-        return False, (f"test accuracy {accuracy:.4f} is more than {tolerance:.4f} (--tolerance) below "
-                       f"the current model's {baseline:.4f}")
-    return True, (f"test accuracy {accuracy:.4f} >= current {baseline:.4f} - {tolerance:.4f} "
-                  f"and >= floor {min_accuracy:.4f}")
-
-
 def fingerprint(config: dict, data_sha256: str) -> dict:
     """What a model is a function of: the data's content and the recipe (not where it ran)."""
     recipe = json.loads(json.dumps({k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}))
@@ -52,11 +63,11 @@ def fingerprint(config: dict, data_sha256: str) -> dict:
 
 
 def status_of(record: dict, pointer: dict | None) -> str:
-    """current, promoted earlier, rejected, failed, or not promoted (passed, then a crash)."""
+    """current, promoted earlier, rejected, failed, refused, or not promoted (passed, then a crash)."""
     vid = record.get("version")
     if pointer and pointer.get("version") == vid:
         return "current"
-    if record.get("decision") in (REJECTED, FAILED):
+    if record.get("decision") in (REJECTED, *NO_MODEL):
         return record["decision"]
     if any(entry.get("version") == vid for entry in (pointer or {}).get("history", [])):
         return "promoted earlier"

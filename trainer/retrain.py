@@ -7,16 +7,18 @@ the `mnist-retrain` console script and jobs/retrain.py.
     python jobs/retrain.py --store /srv/mnist-store --rollback 20261128T020000Z-1a2b3c
 
 A cycle: lock the store -> prepare the data (Parquet shards + content hash) -> stop if neither the
-data nor the training config changed since the current version -> evaluate the current model on
-this data's test split (the gate's baseline: both models scored on the same images) -> train and
-evaluate with trainer.driver.run into staging/<id> -> gate -> register versions/<id> (promoted
-or rejected, with the reason) -> move current.json if promoted -> prune -> unlock.
+data nor the training config changed since the current version -> check the data against the
+current version's profile (trainer/data_checks.py; refuse to train on a bad change) -> train and
+evaluate with trainer.driver.run into staging/<id> -> score both models on this data's test split
+-> the paired gate (trainer/gate.py) -> the canary (trainer/canary.py) -> register versions/<id>
+(with the decision and its numbers) -> move current.json if promoted -> prune -> unlock.
 With --warm-start a cycle starts from the current version's weights (its `parent`, in version.json
-and --list) and trains --warm-epochs; the gate is the same.
+and --list) and trains --warm-epochs; the checks are the same.
 
-Exit status: 0 promoted, nothing changed, or another run holds the store (a schedule that fires
-while the last run still trains is not an error); 3 trained but rejected by the gate (so the
-scheduler shows it); 1 an error (current.json untouched; a "failed" record is kept); 2 bad flags.
+Exit status (EXIT_CODES): 0 promoted, nothing changed, or another run holds the store (a schedule
+that fires while the last run still trains is not an error); 1 an error (current.json untouched; a
+"failed" record is kept); 2 bad flags; 3 trained but rejected by the gate; 4 refused to train on
+the data; 5 passed the gate but failed the canary. Every code above 2 keeps a record (--list).
 """
 
 from __future__ import annotations
@@ -28,35 +30,24 @@ import shutil
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass
+import sys
 
-from trainer import cli, data, quiet, storage, warm
+from trainer import cli, data, data_checks, promotion, storage, warm
 from trainer.config import Config
 from trainer.lock import LockHeld
-from trainer.policy import FAILED, PASSED, REJECTED, fingerprint, gate, iso, new_version_id, status_of, utc_now
+from trainer.policy import (FAILED, NO_MODEL, REFUSED, REJECTED, Policy, fingerprint, iso, new_version_id, status_of,
+                            utc_now)
 from trainer.store import DATA, RUNS, STAGING, Store, StoreError
 
 DESCRIPTION = ("Retrain the MNIST model into a versioned model store; promote it only if it is "
-               "not worse than the current one. Takes every training flag too.")
-EXIT_REJECTED = 3
+               "not significantly worse than the current one. Takes every training flag too.")
+EXIT_REJECTED, EXIT_REFUSED, EXIT_CANARY = 3, 4, 5
+EXIT_CODES = ("0 promoted, nothing changed, or another run holds the store; 1 an error; 2 bad flags; "
+              f"{EXIT_REJECTED} rejected by the gate; {EXIT_REFUSED} refused to train on the data "
+              f"(--accept-data-change); {EXIT_CANARY} the canary failed")
 WARM_EPOCHS = 1  # reaches a 5-epoch cold run's test accuracy on full MNIST (scripts/warm_vs_cold.py)
 DATA_HASH_CHARS = 12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclass(frozen=True)
-class Policy:
-    tolerance: float = 0.002  # how much worse than the current model a new one may be
-    min_accuracy: float = 0.97  # the floor, whatever the current model scores
-    keep_versions: int = 10
-
-    def __post_init__(self):
-        if not 0 <= self.tolerance <= 1:
-            raise ValueError(f"tolerance must lie in 0..1, got {self.tolerance}")
-        if not 0 <= self.min_accuracy <= 1:
-            raise ValueError(f"min_accuracy must lie in 0..1, got {self.min_accuracy}")
-        if self.keep_versions < 1:
-            raise ValueError(f"keep_versions must be at least 1, got {self.keep_versions}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,13 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "from scratch for --epochs")
     group.add_argument("--warm-epochs", type=int, default=WARM_EPOCHS,
                        help="epochs of a --warm-start cycle")
-    group.add_argument("--tolerance", type=float, default=Policy.tolerance,
-                       help="promote if test accuracy >= the current model's minus this "
-                       "(both scored on this run's test split)")
+    group.add_argument("--alpha", type=float, default=Policy.alpha,
+                       help="reject a model significantly worse than the current one at this level "
+                       "(McNemar's exact test on the same test images, overall and per digit)")
+    group.add_argument("--margin", type=float, default=Policy.margin,
+                       help="reject only a model significantly worse than the current one by more than "
+                       "this much accuracy (0.002: 0.2 points; 0 tests for any drop)")
+    group.add_argument("--digit-margin", type=float, default=Policy.digit_margin,
+                       help="the same for one digit's recall")
+    group.add_argument("--require-improvement", action="store_true",
+                       help="promote only a model significantly better than the current one")
+    group.add_argument("--tolerance", type=float, help=argparse.SUPPRESS)  # deprecated alias of --margin
     group.add_argument("--min-accuracy", type=float, default=Policy.min_accuracy,
                        help="never promote below this test accuracy")
     group.add_argument("--keep-versions", type=int, default=Policy.keep_versions,
                        help="keep this many versions (the current one always), prune older ones")
+    group.add_argument("--accept-data-change", action="store_true",
+                       help="train this cycle even if the data checks refuse the new data (the record says so)")
+    group.add_argument("--canary-python", metavar="PYTHON",
+                       help="the Python of the serving environment, which loads the candidate before "
+                       "it is promoted (default: this one)")
     action = group.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list the versions and exit")
     action.add_argument("--rollback", metavar="VERSION",
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     if "force" not in {f.name for f in dataclasses.fields(Config)}:
         group.add_argument("--force", action="store_true")
     parser.epilog = ("--force also retrains when nothing changed, and lets --rollback choose a "
-                     "rejected version or repair a corrupt current.json.")
+                     f"rejected version or repair a corrupt current.json. Exit status: {EXIT_CODES}.")
     return parser
 
 
@@ -100,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) != parser.get_default(flag):
             return cli.fail(f"--{flag.replace('_', '-')} is chosen by retrain (the version id and "
                             "its folder in the store); drop it")
+    if args.tolerance is not None:
+        print("notice: --tolerance is deprecated; it sets --margin, which the gate now tests with a paired "
+              "test (see --help)", file=sys.stderr, flush=True)
+        args.margin = args.tolerance
     try:
-        policy = Policy(args.tolerance, args.min_accuracy, args.keep_versions)
+        policy = Policy(args.alpha, args.margin, args.digit_margin, args.require_improvement, args.min_accuracy,
+                        args.keep_versions)
         cfg = cli.config_from_args(args)
         store = Store(args.store)
     except (ValueError, StoreError) as exc:
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return list_versions(store)
         if args.rollback:
             return rollback(store, args.rollback, args.force)
-        return retrain(store, cfg, policy, args.warm_epochs if args.warm_start else None)
+        return retrain(store, cfg, policy, args.warm_epochs if args.warm_start else None,
+                       args.accept_data_change, args.canary_python)
     except LockHeld as exc:
         if args.rollback:
             return cli.fail(f"{exc}; roll back when it has finished", code=1)
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail("interrupted; current.json is unchanged", code=130)
 
 
-def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None = None) -> int:
+def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None = None,
+            accept_data_change: bool = False, canary_python: str | None = None) -> int:
     """One cycle; `warm_epochs` (--warm-start) trains that long from the current version, if any."""
     place = storage.Place.check("--store", store.root)  # read-only or full: one line, before the lock
     store.create()
@@ -157,18 +168,25 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
                   f"{digest[:DATA_HASH_CHARS]}, same training config); not retraining. "
                   "Pass --force to retrain anyway.", flush=True)
             return 0
-        baseline = baseline_accuracy(store, current, mnist, cfg.verbose)
         vid = new_version_id()
+        record = {
+            "version": vid, "parent": parent, "started": iso(utc_now()), "git_commit": git_commit(),
+            "host": socket.gethostname(), "config": cfg.to_dict(),
+            "data": {"content_sha256": digest, "path": parquet_dir, "source": source,
+                     "train_rows": manifest["splits"]["train"]["rows"],
+                     "test_rows": manifest["splits"]["test"]["rows"], "profile": data_checks.profile(mnist)},
+        }
+        record["data_checks"] = promotion.check_data(store, current, record["data"]["profile"], accept_data_change)
+        if record["data_checks"]["problems"] and not accept_data_change:
+            reason = "; ".join(record["data_checks"]["problems"])
+            store.register_failure(vid, {**record, "decision": REFUSED, "reason": reason, "finished": iso(utc_now())})
+            print(f"refused {vid}: {reason}; nothing was trained and current stays {current}. Check the data; "
+                  "pass --accept-data-change to train on it anyway", flush=True)
+            return EXIT_REFUSED
         run_cfg = dataclasses.replace(
             cfg, data=parquet_dir, output=store.new_staging(vid), run_name=vid,
             storage_path=cfg.storage_path or store.path(RUNS))
-        record = {
-            "version": vid, "parent": parent, "started": iso(utc_now()), "git_commit": git_commit(),
-            "host": socket.gethostname(), "config": run_cfg.to_dict(),
-            "data": {"content_sha256": digest, "path": parquet_dir, "source": source,
-                     "train_rows": manifest["splits"]["train"]["rows"],
-                     "test_rows": manifest["splits"]["test"]["rows"]},
-        }
+        record["config"] = run_cfg.to_dict()
         print(f"retraining version {vid} (data sha256 {digest[:DATA_HASH_CHARS]}; current "
               f"{current or 'none'}" + (f"; starting from {parent}" if parent else "") + ")", flush=True)
         from trainer import driver
@@ -176,7 +194,7 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         try:
             metrics = driver.run(run_cfg)
         except BaseException as exc:  # Ctrl-C and SIGTERM too: every run leaves a record
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else _one_line(exc)
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else promotion.one_line(exc)
             try:
                 store.register_failure(vid, {**record, "decision": FAILED, "reason": reason,
                                              "finished": iso(utc_now())})
@@ -184,51 +202,26 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
                 shutil.rmtree(store.path(STAGING, vid), ignore_errors=True)
             raise
         place.unchanged()  # the store's mount still there before anything is registered in it
-        passed, reason = gate(metrics["test_accuracy"], baseline, policy.tolerance, policy.min_accuracy)
-        record.update({
-            "decision": PASSED if passed else REJECTED, "reason": reason,
-            "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-            "finished": iso(utc_now()),
-            "gate": {"tolerance": policy.tolerance, "min_accuracy": policy.min_accuracy,
-                     "baseline_version": current, "baseline_accuracy": baseline},
-        })
+        record.update(test_accuracy=metrics["test_accuracy"], test_loss=metrics["test_loss"])
+        code = {promotion.PROMOTE: 0, promotion.GATE: EXIT_REJECTED, promotion.CANARY: EXIT_CANARY}[
+            promotion.decide(store, vid, current, mnist, policy, canary_python, record, cfg.verbose)]
+        record["finished"] = iso(utc_now())
         store.register(vid, record)
-        if passed:
+        if code == 0:
             store.promote(vid)
         pruned = store.prune(policy.keep_versions)
-    if passed:
-        print(f"promoted {vid}: {reason}; it is now current ({store.model_path(vid)})", flush=True)
+    if code == 0:
+        print(f"promoted {vid}: {record['reason']}; it is now current ({store.model_path(vid)})", flush=True)
     else:
-        print(f"rejected {vid}: {reason}; current stays {current or 'none'}", flush=True)
+        print(f"rejected {vid}: {record['reason']}; current stays {current or 'none'}", flush=True)
     if pruned:
         print(f"pruned {len(pruned)} old version(s): {', '.join(pruned)}", flush=True)
-    return 0 if passed else EXIT_REJECTED
+    return code
 
 
 def unchanged(record: dict, cfg: Config, data_sha256: str) -> bool:
     return (fingerprint(record.get("config", {}), record.get("data", {}).get("content_sha256"))
             == fingerprint(cfg.to_dict(), data_sha256))
-
-
-def baseline_accuracy(store: Store, current: str | None, mnist: data.Mnist, verbose: bool = False) -> float | None:
-    """The current model's accuracy on this run's test split (the data may have changed since)."""
-    if current is None:
-        return None
-    quiet.import_tensorflow(verbose)
-    import keras
-
-    from trainer.model import evaluate
-
-    path = store.model_path(current)
-    try:
-        model = keras.saving.load_model(path)
-    except Exception as exc:
-        raise StoreError(f"the current version's model {path} is unreadable ({_one_line(exc)}); "
-                         "roll back to another version with --rollback") from None
-    _, accuracy, _ = evaluate(model, mnist.x_test, mnist.y_test)
-    print(f"current version {current}: test accuracy {accuracy:.4f} on this data's test split",
-          flush=True)
-    return accuracy
 
 
 def rollback(store: Store, vid: str, force: bool) -> int:
@@ -251,17 +244,22 @@ def list_versions(store: Store) -> int:
 
 
 def format_table(rows: list[tuple[dict, str]]) -> str:
-    header = ("VERSION", "STATUS", "TEST ACC", "PARENT", "DATA HASH", "CREATED", "NOTE")
+    """One line a version. VS CURRENT: images only the new model got right / only the current one
+    did, and the p-value of "significantly worse"; WORST DIGIT: the largest fall of one digit's recall."""
+    from trainer.gate import summary
+
+    header = ("VERSION", "STATUS", "TEST ACC", "VS CURRENT", "WORST DIGIT", "PARENT", "DATA HASH", "CREATED", "NOTE")
     lines = [header]
     for record, status in rows:
         accuracy = record.get("test_accuracy")
         lines.append((
             record.get("version", "?"), status,
             f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-",
+            *summary(record.get("gate") or {}),
             record.get("parent") or "-",
             (record.get("data", {}).get("content_sha256") or "-")[:DATA_HASH_CHARS],
             (record.get("started") or "-").replace("T", " "),
-            record.get("reason", "") if status in (REJECTED, FAILED) else "",
+            record.get("reason", "") if status in (REJECTED, *NO_MODEL) else "",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1]).rstrip()
@@ -283,11 +281,6 @@ def git_commit() -> str | None:
     if head.returncode:
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _interrupt(signum, frame):

@@ -23,7 +23,7 @@ import shutil
 
 from trainer.lock import held
 from trainer.outputs import MODEL_FILES, write_json_atomic
-from trainer.policy import FAILED, PASSED, REJECTED, VERSION_ID, iso, utc_now
+from trainer.policy import NO_MODEL, PASSED, REJECTED, VERSION_ID, iso, utc_now
 
 VERSIONS, STAGING, TRASH, DATA, RUNS = "versions", "staging", ".trash", "data", "ray_results"
 POINTER, LOCK, RECORD = "current.json", "lock", "version.json"
@@ -105,7 +105,7 @@ class Store:
         return target
 
     def register_failure(self, vid: str, record: dict) -> str:
-        """Record a run that did not finish: version.json only (partial outputs are discarded)."""
+        """Record a run that did not finish, or was refused: version.json only (partial outputs are discarded)."""
         staging = self.path(STAGING, vid)
         if os.path.exists(staging):
             self._discard(staging)
@@ -176,8 +176,8 @@ class Store:
         broken file is kept beside it as current.json.broken-<time>).
         """
         record = self.record(vid)
-        if record.get("decision") == FAILED:
-            raise StoreError(f"version {vid} failed to train and has no model; choose another (--list)")
+        if record.get("decision") in NO_MODEL:
+            raise StoreError(f"version {vid} {record['decision']} to train and has no model; choose another (--list)")
         if record.get("decision") == REJECTED and not force:
             raise StoreError(f"version {vid} was rejected ({record.get('reason')}); "
                              "pass --force to roll back to it anyway")
