@@ -58,6 +58,12 @@ def record(store, vid: str) -> dict:
     return json.loads((store / "versions" / vid / "version.json").read_text())
 
 
+def added(steps: dict, after: str, before: str) -> str:
+    """The one version a step registered: in the listing after it, not before."""
+    (vid,) = sorted(set(steps[after]) - set(steps[before]))
+    return vid
+
+
 def current(store) -> str:
     return json.loads((store / "current.json").read_text())["version"]
 
@@ -152,7 +158,7 @@ def test_data_the_checks_refuse_trains_nothing_and_exits_4(night):
     store, _, _, steps = night
     code, out = steps["refused"]
     assert code == 4, out[-3000:]
-    (vid,) = sorted(set(steps["refused_versions"]) - set(steps["v2_versions"]))
+    vid = added(steps, "refused_versions", "v2_versions")
     refused = record(store, vid)
     assert refused["decision"] == "refused" and refused["reason"].startswith("rows: 2800 -> 300 training rows")
     assert f"refused {vid}: rows: 2800 -> 300" in out and "epoch" not in out
@@ -163,7 +169,7 @@ def test_a_model_worse_on_one_digit_is_rejected_and_the_digit_named(night):
     store, _, _, steps = night
     code, out = steps["worse"]
     assert code == 3, out[-4000:]
-    (vid,) = sorted(set(steps["worse_versions"]) - set(steps["refused_versions"]))
+    vid = added(steps, "worse_versions", "refused_versions")
     rejected = record(store, vid)
     assert rejected["decision"] == "rejected" and rejected["data"]["train_rows"] == 2800
     assert "digit 7: recall " in rejected["reason"] and f"rejected {vid}" in out
@@ -190,7 +196,7 @@ def test_a_warm_start_cycle_records_its_parent_and_a_failed_canary_keeps_current
     code, out = steps["warm"]
     assert code == 0, out[-4000:]
     v2 = steps["v2_versions"][-1]
-    (warm,) = sorted(set(steps["warm_versions"]) - set(steps["worse_versions"]))
+    warm = added(steps, "warm_versions", "worse_versions")
     first = record(store, warm)
     assert first["parent"] == v2 and first["decision"] == "passed"
     assert first["config"]["init_from"] == "store:current" and first["config"]["epochs"] == 1
@@ -202,7 +208,7 @@ def test_a_warm_start_cycle_records_its_parent_and_a_failed_canary_keeps_current
 
     code, out = steps["canary"]
     assert code == 5, out[-4000:]
-    (failed,) = sorted(set(steps["canary_versions"]) - set(steps["warm_versions"]))
+    failed = added(steps, "canary_versions", "warm_versions")
     second = record(store, failed)
     assert second["parent"] == warm and second["decision"] == "rejected" and current(store) == warm
     assert second["reason"].startswith("canary: a fresh process could not load and run the model: ")
@@ -233,10 +239,10 @@ def test_list_shows_every_version_with_its_status(night):
     assert code == 0, out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     v1, v2 = steps["v2_versions"]
-    (refused,) = sorted(set(steps["refused_versions"]) - set(steps["v2_versions"]))
-    (worse,) = sorted(set(steps["worse_versions"]) - set(steps["refused_versions"]))
-    (warm,) = sorted(set(steps["warm_versions"]) - set(steps["worse_versions"]))
-    (failed,) = sorted(set(steps["canary_versions"]) - set(steps["warm_versions"]))
+    refused = added(steps, "refused_versions", "v2_versions")
+    worse = added(steps, "worse_versions", "refused_versions")
+    warm = added(steps, "warm_versions", "worse_versions")
+    failed = added(steps, "canary_versions", "warm_versions")
     assert "promoted earlier" in rows[v1] and "promoted earlier" in rows[v2] and "rejected" in rows[worse]
     assert "current" in rows[warm] and "rejected" in rows[failed] and "refused" in rows[refused]
     header = out.splitlines()[0]
