@@ -316,6 +316,16 @@ def test_a_store_written_before_the_paired_gate_still_lists_and_rolls_back(store
     assert store.current_id() == first
 
 
+def test_an_unreadable_current_model_stops_a_cycle_before_it_trains(store, capsys):
+    current = add_version(store, accuracy=0.975, when=at(2))  # its mnist.keras is "not a model"
+    assert retrain.main(["--store", store.root, "--data", str(SAMPLE), "--num-workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if not line.startswith("preparing data")]
+    assert line.startswith(f"error: current version {current}'s model {store.model_path(current)} is unreadable (")
+    assert line.endswith("roll back to another version with --rollback")
+    assert "retraining version" not in out and store.version_ids() == [current] and store.current_id() == current
+
+
 def test_a_refused_version_has_no_model_to_roll_back_to(store):
     add_version(store, accuracy=0.975, when=at(2))
     refused = add_version(store, REFUSED, when=at(3))

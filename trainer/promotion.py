@@ -29,13 +29,14 @@ def check_data(store: Store, current: str | None, new: dict, accept: bool) -> di
             "overlap": data_checks.overlap(old, new), "limits": dataclasses.asdict(limits)}
 
 
-def decide(store: Store, vid: str, current: str | None, mnist: data.Mnist, policy: Policy,
-           canary_python: str | None, record: dict, verbose: bool = False) -> int:
-    """Score both models on this data's test split, gate, and run the canary on a candidate that
-    passed; fill in `record`'s decision and say which: PROMOTE, GATE (rejected) or CANARY (failed)."""
+def decide(store: Store, vid: str, current: str | None, baseline, mnist: data.Mnist, policy: Policy,
+           canary_python: str | None, record: dict, verbose: bool = False) -> str:
+    """Score the new model on this data's test split, gate it against the current one's
+    probabilities (`baseline`, from `score`; None if there is no current version), and run the canary
+    on a candidate that passed; fill in `record`'s decision and say which: PROMOTE, GATE (rejected)
+    or CANARY (failed)."""
     from trainer import canary, gate
 
-    baseline = score(store.model_path(current), mnist, verbose, f"current version {current}") if current else None
     candidate = score(store.path(STAGING, vid, "mnist.keras"), mnist, verbose, f"new version {vid}")
     decision = gate.compare(mnist.y_test, None if baseline is None else baseline.argmax(axis=1),
                             candidate.argmax(axis=1), policy)

@@ -183,6 +183,8 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
             print(f"refused {vid}: {reason}; nothing was trained and current stays {current}. Check the data; "
                   "pass --accept-data-change to train on it anyway", flush=True)
             return EXIT_REFUSED
+        baseline = (promotion.score(store.model_path(current), mnist, cfg.verbose, f"current version {current}")
+                    if current else None)  # an unreadable current model stops the cycle before training
         run_cfg = dataclasses.replace(
             cfg, data=parquet_dir, output=store.new_staging(vid), run_name=vid,
             storage_path=cfg.storage_path or store.path(RUNS))
@@ -204,7 +206,7 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         place.unchanged()  # the store's mount still there before anything is registered in it
         record.update(test_accuracy=metrics["test_accuracy"], test_loss=metrics["test_loss"])
         code = {promotion.PROMOTE: 0, promotion.GATE: EXIT_REJECTED, promotion.CANARY: EXIT_CANARY}[
-            promotion.decide(store, vid, current, mnist, policy, canary_python, record, cfg.verbose)]
+            promotion.decide(store, vid, current, baseline, mnist, policy, canary_python, record, cfg.verbose)]
         record["finished"] = iso(utc_now())
         store.register(vid, record)
         if code == 0:
