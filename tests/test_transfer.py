@@ -10,7 +10,7 @@ from tests.conftest import SAMPLE
 from trainer.config import Config
 from trainer.model import build_model, preprocess
 from trainer.predict import load_model
-from trainer.transfer import (LABELLED_POOL, MODEL_FILE, check_labels, format_table, main, measure, split,
+from trainer.transfer import (LABELLED_POOL, MODEL_FILE, accuracy, check_labels, format_table, main, measure, split,
                               uci_digits)
 
 # Measured with the fixture's recipe, model seeds 0-2 x split seeds 0-4, 50 per class, 20 epochs:
@@ -95,11 +95,16 @@ def test_the_split_is_disjoint_stratified_and_its_held_out_set_does_not_depend_o
     assert not np.array_equal(split(labels, 50, seed=1)[1], heldout)
 
 
-def test_measure_scores_every_way_on_one_split(model_path, digits):
+def test_measure_scores_every_way_on_one_split_and_leaves_the_model_as_it_was(model_path, digits):
     x, y = digits
-    [row] = measure(load_model(model_path), x, y, seeds=[0], per_class=(2,), epochs=1)
+    model = load_model(model_path)
+    weights = [w.copy() for w in model.get_weights()]
+    [row] = measure(model, x, y, seeds=[0], per_class=(2,), epochs=1)
     assert (row["per_class"], row["seed"], row["epochs"]) == (2, 0, 1)
-    assert all(0 <= row[column] <= 1 for column in ("before", "head", "all", "from-scratch"))
+    _, heldout = split(y, 2, seed=0)
+    assert row["before"] == accuracy(model, x[heldout], y[heldout])  # "before" is the model as given
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))  # tuned copies only
+    assert len({row[column] for column in ("head", "all", "from-scratch")}) > 1  # three different models
 
 
 def test_the_table_is_the_mean_over_seeds_with_the_range():
