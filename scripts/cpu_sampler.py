@@ -1,4 +1,4 @@
-"""CPU seconds of every process under a job, sampled from /proc while it runs (Linux).
+"""CPU seconds of every process under a job, sampled with psutil while it runs.
 
 The benchmark uses it to say what the processes around the training workers cost per epoch: the
 driver, Ray Train's controller, Ray Data's actors, the raylet, idle Ray workers. Ray names its worker
@@ -11,28 +11,23 @@ import os
 import threading
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
 
 
 def _processes() -> dict[int, tuple[int, float, str]]:
     """{pid: (parent pid, CPU seconds so far, name)} of every process we can read."""
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for process in psutil.process_iter(["ppid", "cpu_times", "cmdline", "name"]):
+        info = process.info
+        if info["cpu_times"] is None:  # gone meanwhile, or not ours to read
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        title = argv[0].decode(errors="replace")
+        argv = info["cmdline"] or [info["name"] or "?"]
+        title = argv[0]
         name = title.split(".")[0].split()[0] if title.startswith("ray::") else os.path.basename(title.split()[0] if title else "?")
         if name.startswith("python") and len(argv) > 1:  # a Python process: name it by its script
-            script = next((a.decode(errors="replace") for a in argv[1:] if a and not a.startswith(b"-")), "")
+            script = next((a for a in argv[1:] if a and not a.startswith("-")), "")
             name = os.path.basename(script) or name
-        found[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK, name)
+        found[process.pid] = (info["ppid"], info["cpu_times"].user + info["cpu_times"].system, name)
     return found
 
 

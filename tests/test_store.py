@@ -28,12 +28,14 @@ with Store(sys.argv[1]).locked():
     print("locked", flush=True)
     sys.stdin.readline()
 """
-# A child that tries the lock at an agreed instant, so several race for it at once.
+# A child that tries the lock when told to (a barrier: "ready", then a line on stdin), so several
+# race for it at once however slowly each one starts.
 RACE = """
 import sys, time
 from trainer.lock import LockHeld
 from trainer.store import Store
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print("ready", flush=True)
+sys.stdin.readline()
 try:
     with Store(sys.argv[1]).locked() as owner:
         print("won", bool(owner.get("took_over")), flush=True)
@@ -379,8 +381,11 @@ def test_of_four_processes_racing_for_the_lock_exactly_one_wins(store, stale_fir
         assert holder.stdout.readline().strip() == "locked"
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    start = str(time.time() + 3)
-    racers = [child(RACE, store.root, start) for _ in range(4)]
+    racers = [child(RACE, store.root, stdin=subprocess.PIPE) for _ in range(4)]
+    assert [r.stdout.readline().strip() for r in racers] == ["ready"] * 4
+    for racer in racers:
+        racer.stdin.write("go\n")
+        racer.stdin.flush()
     outputs = [r.communicate(timeout=60)[0].strip() for r in racers]
     assert sorted(o.split()[0] for o in outputs) == ["held", "held", "held", "won"], outputs
     assert not os.path.exists(store.path("lock"))

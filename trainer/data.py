@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainer import errors
 from trainer.idx import load_idx_dir
 from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, DataError, Mnist, content_hash, validate
 from trainer.outputs import temporary_sibling
@@ -56,7 +57,7 @@ def _download() -> Mnist:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     except Exception as exc:  # no network, proxy, 404...: all mean the same to the user
         raise DataError(
-            f"could not download MNIST ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"could not download MNIST ({errors.first_line(exc, named=True, limit=160)}); "
             "pass --data PATH or set MNIST_DATA to a local copy (.npz, IDX directory or Parquet)"
         ) from None
     return validate(Mnist(x_train, y_train, x_test, y_test), "keras.datasets.mnist")
@@ -95,7 +96,7 @@ def is_parquet_dir(path: str) -> bool:
     try:
         return fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File
     except OSError as exc:  # an unreachable or refusing object store: the user's input, in one line
-        raise DataError(f"{path}: cannot read it ({str(exc).splitlines()[0][:300]})") from None
+        raise DataError(f"{path}: cannot read it ({errors.first_line(exc, limit=300)})") from None
 
 
 def read_manifest(path: str) -> dict:

@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 
-from trainer import checkpoint, cluster, data, failures, quiet, storage, timeline
+from trainer import checkpoint, cluster, data, errors, failures, quiet, storage, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
@@ -154,7 +154,7 @@ def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_nam
 
     cluster.connect(ray, cfg)
     marks["ray_up"] = time.time()
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose native handler would abort
+    signal.signal(signal.SIGTERM, errors.interrupt)  # after ray.init, whose native handler would abort
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
         cluster.check_storage_shared(ray, storage)
@@ -167,10 +167,6 @@ def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_nam
     finally:
         ray.shutdown()
         marks["ray_down"] = time.time()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops the job like Ctrl-C: Ray shuts down, checkpoints stay
 
 
 def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start,

@@ -17,6 +17,8 @@ import socket
 import sys
 import threading
 
+import psutil
+
 from trainer.policy import iso, utc_now
 
 HEARTBEAT_S = 30.0  # how often the holder touches the lock, so other hosts can tell it is alive
@@ -120,9 +122,8 @@ def _heartbeat(path: str, token: str, stop: threading.Event) -> None:
 
 
 def _lock_record() -> dict:
-    stat = _proc_stat(os.getpid())
     return {"pid": os.getpid(), "hostname": socket.gethostname(), "boot_id": _boot_id(),
-            "proc_start": stat[1] if stat else None, "started": iso(utc_now()),
+            "proc_start": psutil.Process().create_time(), "started": iso(utc_now()),
             "token": secrets.token_hex(8), "command": " ".join(sys.argv)[:300]}
 
 
@@ -134,29 +135,19 @@ def _held_message(path: str, holder: dict, age: float) -> str:
             f"taken over after {STALE_AFTER_S:.0f} s without one)")
 
 
-def _alive(pid: int, proc_start: int | None) -> bool:
+def _alive(pid: int, proc_start: float | None) -> bool:
+    """Is the lock's holder still running? A zombie is dead (killed, not yet reaped); another start
+    time means the pid was reused. A lock written before psutil kept clock ticks, not a time: the pid
+    alone then decides."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not isinstance(proc_start, float) or process.create_time() == proc_start
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # alive, another user's
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: the pid exists, which is all we can tell
-    state, start = stat
-    # A zombie is dead (killed, not yet reaped); another start time means the pid was reused.
-    return state != "Z" and (proc_start is None or start == proc_start)
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc/<pid>/stat; None without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    except psutil.AccessDenied:
+        return True  # alive, another user's
 
 
 def _boot_id() -> str | None:

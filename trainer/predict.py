@@ -19,6 +19,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer import errors
+
 FORMATS = ("PNG", "JPEG", "MPO")  # MPO: how Pillow names many phone cameras' JPEGs
 FIELD = 28  # MNIST: 28x28 images...
 BOX = 20  # ...whose digit was scaled to fit 20x20, then centred by centre of mass
@@ -101,15 +103,10 @@ def read_image(path: str) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"truncated or corrupt {image.format} image ({_first_line(exc)})") from None
+        raise ValueError(f"truncated or corrupt {image.format} image ({errors.first_line(exc, named=True, limit=160)})") from None
     return image
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    if not text:
-        return type(exc).__name__
-    return f"{type(exc).__name__}: {text[0] if len(text[0]) <= 160 else text[0][:157] + '...'}"
 
 
 def top_probabilities(probs: np.ndarray, k: int = TOP) -> list[dict]:
@@ -143,7 +140,7 @@ def load_model(path: str):
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)  # compile: only predicting
     except Exception as exc:  # corrupt zip, wrong format, unsafe lambda...: all mean "not a model"
-        raise ValueError(f"{path}: not a loadable Keras model ({_first_line(exc)})") from None
+        raise ValueError(f"{path}: not a loadable Keras model ({errors.first_line(exc, named=True, limit=160)})") from None
     if tuple(model.input_shape) != (None, FIELD * FIELD) or tuple(model.output_shape) != (None, 10):
         raise ValueError(f"{path}: model maps {model.input_shape} -> {model.output_shape}, "
                          "expected an MNIST model (None, 784) -> (None, 10)")

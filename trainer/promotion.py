@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer import data, data_checks, quiet
+from trainer import data, data_checks, errors, quiet
 from trainer.policy import PASSED, REJECTED, Policy
 from trainer.store import STAGING, Store, StoreError
 
@@ -65,13 +65,9 @@ def score(path: str, mnist: data.Mnist, verbose: bool, name: str):
     try:
         model = keras.saving.load_model(path)
     except Exception as exc:
-        raise StoreError(f"{name}'s model {path} is unreadable ({one_line(exc)}); "
+        raise StoreError(f"{name}'s model {path} is unreadable ({errors.first_line(exc, named=True)}); "
                          "roll back to another version with --rollback") from None
     _, accuracy, probs = evaluate(model, mnist.x_test, mnist.y_test)
     print(f"{name}: test accuracy {accuracy:.4f} on this data's test split", flush=True)
     return probs
 
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 
-from trainer import cli, data, data_checks, promotion, storage, warm
+from trainer import cli, data, data_checks, errors, promotion, storage, warm
 from trainer.config import Config
 from trainer.lock import LockHeld
 from trainer.policy import (FAILED, NO_MODEL, REFUSED, REJECTED, Policy, fingerprint, iso, new_version_id, status_of,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.driver import TrainingError
     from trainer.storage import StorageError, describe
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd stop: unlock on the way out
+    signal.signal(signal.SIGTERM, errors.interrupt)  # `ray job stop`, systemd stop: unlock on the way out
     try:
         if args.list:
             return list_versions(store)
@@ -196,7 +196,7 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         try:
             metrics = driver.run(run_cfg)
         except BaseException as exc:  # Ctrl-C and SIGTERM too: every run leaves a record
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else promotion.one_line(exc)
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else errors.first_line(exc, named=True, limit=300)
             try:
                 store.register_failure(vid, {**record, "decision": FAILED, "reason": reason,
                                              "finished": iso(utc_now())})
@@ -285,5 +285,3 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -16,6 +16,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from trainer import errors
+
 
 class StorageError(RuntimeError):
     """A place the run writes to cannot be written: the message names the flag, the path and why."""
@@ -28,7 +30,7 @@ def cause(exc: BaseException) -> str:
     code = re.search(r"\[errno (\d+)\]", text, re.IGNORECASE)
     if code:
         return os.strerror(int(code.group(1)))
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return errors.first_line(text) if text else type(exc).__name__
 
 
 def describe(exc: OSError) -> str:

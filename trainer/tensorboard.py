@@ -6,6 +6,8 @@ resumed run appends to the same curves in a new event file.
 
 from __future__ import annotations
 
+from trainer import errors
+
 TAGS = ("loss", "accuracy", "learning_rate", "samples_per_second")
 
 
@@ -21,7 +23,7 @@ class EpochWriter:
             self._writer = tf.summary.create_file_writer(directory)
         except (tf.errors.UnimplementedError, tf.errors.OpError) as exc:
             raise ValueError(f"--tensorboard-dir {directory}: cannot write event files there "
-                             f"({exc.message.splitlines()[0][:200]})") from None
+                             f"({errors.first_line(exc.message)})") from None
 
     def write(self, record: dict, optimizer) -> None:
         """Scalars of one epoch record; the learning rate is the record's, else the optimizer's now."""

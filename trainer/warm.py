@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer import quiet
+from trainer import errors, quiet
 from trainer.config import Config
 
 STORE_PREFIX = "store:"
@@ -69,8 +69,7 @@ def load(cfg: Config) -> Start:
     try:
         source = keras.saving.load_model(path, compile=True)
     except Exception as exc:  # Keras raises many kinds for a file that is not a model
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InitError(f"--init-from {path} is not a Keras model ({reason})") from None
+        raise InitError(f"--init-from {path} is not a Keras model ({errors.first_line(exc)})") from None
     target = build_model(cfg)
     check_fits(_shapes(source.trainable_weights), _shapes(target.trainable_weights), path, source.name, target.name)
     weights = [np.asarray(w) for w in source.trainable_weights]
