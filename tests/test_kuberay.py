@@ -31,7 +31,10 @@ DOCKERFILE, DOCKERIGNORE = ROOT / "Dockerfile", ROOT / ".dockerignore"
 def crd_schema(kind: str) -> dict:
     name = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz"}[kind]
     if not (CRDS / name).exists():
-        pytest.skip(f"KubeRay CRD schemas not found in {CRDS}")
+        if CRDS.parent.is_dir():  # the team's shared/ is here (as in CI): a missing schema is a failure
+            pytest.fail(f"{CRDS / name} is missing from the team's shared folder; the manifests cannot be checked")
+        pytest.skip(f"the manifests are checked against KubeRay's CRD schemas in {CRDS}, which this "
+                    "checkout has no shared/ folder beside it for")
     crd = yaml.safe_load(gzip.open(CRDS / name))
     assert crd["spec"]["names"]["kind"] == kind
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
