@@ -192,3 +192,31 @@ def test_an_unreachable_object_store_is_a_one_line_error(tmp_path):
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: s3://no-such-bucket/mnist: cannot read it (")
     assert "NETWORK_CONNECTION" in proc.stderr
+
+
+def test_a_run_that_fails_on_bad_data_leaves_the_callers_environment_as_it_was(tmp_path):
+    """driver.run in-process (a notebook, benchmark.py): Ray's settings live only as long as the run."""
+    import logging
+    import os
+
+    from trainer import driver
+    from trainer.config import Config
+
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    before, level = dict(os.environ), logging.getLogger("ray.train").level
+    with pytest.raises(DataError, match="not a readable .npz"):
+        driver.run(Config(data=str(tmp_path / "junk.npz"), output=str(tmp_path / "out")))
+    assert dict(os.environ) == before and logging.getLogger("ray.train").level == level
+
+
+def test_the_ray_settings_are_set_for_the_block_and_never_override_the_users(monkeypatch):
+    import os
+
+    from trainer import cluster
+    from trainer.config import Config
+
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    with cluster.environment(Config()):
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and os.environ["RAY_worker_niceness"] == "5"
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ and os.environ["RAY_worker_niceness"] == "5"

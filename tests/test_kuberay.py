@@ -21,6 +21,7 @@ import yaml
 
 from tests.conftest import ROOT
 from trainer import cli, retrain
+from trainer.cluster import QUIET_ENV
 
 CRDS = ROOT.parent / "shared" / "kuberay"
 MANIFESTS = {"jobs/rayjob.yaml": "RayJob", "jobs/raycronjob.yaml": "RayCronJob"}
@@ -114,6 +115,15 @@ def test_mains_raycronjob_would_have_been_refused():
 def test_the_raycronjob_has_only_the_four_spec_fields_and_a_time_zone():
     spec = load("jobs/raycronjob.yaml")["spec"]
     assert set(spec) <= {"jobTemplate", "schedule", "suspend", "timeZone"} and spec["timeZone"] == "Etc/UTC"
+
+
+def test_a_submitted_job_is_as_quiet_as_a_local_run():
+    """The quiet environment is written twice, for a Ray the job starts (cluster.QUIET_ENV) and for
+    a submitted job (jobs/runtime_env.yaml): the second holds the first, and adds only what a
+    submitted job alone needs."""
+    submitted = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    assert {name: submitted.get(name) for name in QUIET_ENV} == QUIET_ENV
+    assert set(submitted) - set(QUIET_ENV) == {"PYTHONUNBUFFERED", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
 
 
 @pytest.mark.parametrize("name", MANIFESTS)

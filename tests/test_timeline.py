@@ -7,7 +7,8 @@ import time
 
 from tests.conftest import ROOT
 from trainer.quiet import stderr_to
-from trainer.timeline import GREW, POINTS, RERUN, SHRANK, format_timeline, merge, process_start_time, resizes
+from trainer.elastic import GREW, RERUN, SHRANK, resizes
+from trainer.timeline import POINTS, format_timeline, merge, process_start_time
 
 
 def test_process_start_time_is_when_the_process_began():

@@ -24,14 +24,14 @@ from trainer import failures
 
 
 @dataclass
-class KerasConfig(BackendConfig):
+class TFConfigSetup(BackendConfig):
     """TF_CONFIG for MultiWorkerMirroredStrategy, plus the workers' TensorFlow log level."""
 
     tf_log_level: str = "3"  # TF_CPP_MIN_LOG_LEVEL: 3 keeps C++ notices (cuInit, ...) off the console
 
     @property
     def backend_cls(self):
-        return _KerasBackend
+        return _TFConfigBackend
 
 
 def _address() -> str:
@@ -50,8 +50,8 @@ def _set_environment(addresses: list[str], rank: int, tf_log_level: str) -> None
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
 
 
-class _KerasBackend(Backend):
-    def on_start(self, worker_group, backend_config: KerasConfig):
+class _TFConfigBackend(Backend):
+    def on_start(self, worker_group, backend_config: TFConfigSetup):
         addresses = worker_group.execute(_address)
         ray.get([worker_group.execute_single_async(rank, _set_environment, addresses, rank,
                                                    backend_config.tf_log_level)

@@ -7,6 +7,7 @@ storage path. Each failure is a ClusterError whose message says what was asked a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ QUIET_ENV = {  # library chatter off the console (it stays in Ray's log files); 
 }
 
 
-ELASTIC_START_TIMEOUT_S = 5  # an elastic run's placement group wait, per try (see prepare_environment)
+ELASTIC_START_TIMEOUT_S = 5  # an elastic run's placement group wait, per try (see ray_settings)
 
 
 class ClusterError(RuntimeError):
@@ -34,24 +35,23 @@ def address(cfg: Config) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def prepare_environment(cfg: Config) -> None:
-    """Environment read when Ray is imported (so before anything imports it): loopback for a local
-    Ray, and a quiet console. A local Ray's processes inherit it."""
+def ray_settings(cfg: Config) -> dict[str, str]:
+    """Environment Ray reads when it is imported or started: loopback for a local Ray, and a quiet
+    console. A local Ray's processes inherit it."""
+    settings = {}
     if on_loopback(address(cfg)):
         # Ray resolves 127.0.0.1 to the host's address unless it runs as a single-machine Ray
         # (read when ray is imported); this keeps a local Ray, and the driver joining one, on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        settings["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if not cfg.verbose:
-        for name, value in QUIET_ENV.items():
-            os.environ.setdefault(name, value)  # inherited by a local Ray's processes
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # the driver's side of Ray Train
+        settings.update(QUIET_ENV)  # inherited by a local Ray's processes
     # Ray Train's controller polls the workers this often (default 2 s), and notices the end of
     # training only at a poll: 5.9 s from the last step to fit() returning at 2 s, 0.9 s at 0.5 s
     # (measured on the sample); the controller's CPU stays under 0.1 s per epoch (the benchmark).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    settings["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     # Ray Train 2.60's preemption watcher is one more actor whose creation logs a core_worker error
     # line; a preempted node is handled like any lost node (restart from the latest checkpoint).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    settings["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     if cfg.elastic:
         # After a lost node an elastic run restarts at the size its resource view allows, and that
         # view (Ray's autoscaling coordinator) refreshes every 20 s: until then Ray Train may ask
@@ -59,14 +59,34 @@ def prepare_environment(cfg: Config) -> None:
         # 78.5 s from the last step to the next, measured). An elastic size is chosen from nodes
         # that exist (the wait for autoscaled nodes happens before it), so a short timeout only
         # retries that choice sooner. Ray Train passes this to its controller on any cluster.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
+        settings["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(ELASTIC_START_TIMEOUT_S)
     if not address(cfg):  # a Ray of this process's own: nobody scraping its metrics
-        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+        settings["RAY_TRAIN_METRICS_ENABLED"] = "0"
         # Ray starts its workers at niceness 15, so that on a shared node its raylet keeps the CPU.
         # On a Ray of this process's own the workers are the work: at 15, a CPU hog at normal
         # priority on both cores left them about 3% of a core each (a sample run: no epoch in 6
         # minutes, against 61 s at niceness 0 and 30 s with no hog; docs/operations.md).
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        settings["RAY_worker_niceness"] = "0"
+    return settings
+
+
+@contextlib.contextmanager
+def environment(cfg: Config):
+    """ray_settings(cfg) in this process's environment (where the user has not set one already), and
+    the driver's Ray Train logger at WARNING unless --verbose, for the block only: a caller that
+    runs the job in-process (a test, a notebook, benchmark.py) gets its own settings back after it."""
+    added = {name: value for name, value in ray_settings(cfg).items() if name not in os.environ}
+    logger = logging.getLogger("ray.train")
+    level = logger.level
+    os.environ.update(added)
+    if not cfg.verbose:
+        logger.setLevel(logging.WARNING)  # the driver's side of Ray Train
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+        logger.setLevel(level)
 
 
 def connect(ray, cfg: Config) -> None:

@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 
-from trainer import checkpoint, cluster, data, errors, failures, quiet, storage, timeline
+from trainer import checkpoint, cluster, data, elastic, errors, failures, quiet, storage, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
 
@@ -32,9 +32,16 @@ class TrainingError(RuntimeError):
 
 
 def run(cfg: Config) -> dict:
-    """Train with Ray Train, evaluate on the test split, write outputs; return the metrics dict."""
+    """Train with Ray Train, evaluate on the test split, write outputs; return the metrics dict.
+
+    Ray's settings (cluster.ray_settings) are in the environment for the run only: set before
+    anything imports Ray (a resumed run's checkpoint lookup does), restored when it returns or fails."""
+    with cluster.environment(cfg):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
     marks = {"process_start": timeline.process_start_time()}
-    cluster.prepare_environment(cfg)  # before anything imports Ray (a resumed run's checkpoint lookup does)
     if cluster.address(cfg):
         cluster.check_reachable(cluster.address(cfg))
     start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
@@ -82,7 +89,7 @@ def run(cfg: Config) -> dict:
         "epochs": meta["history"], "config": cfg.to_dict(),
         "workers": [{k: v for k, v in w.items() if k != "timeline"} for w in workers],
         "init": start.describe() if start else None,
-        "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": timeline.resizes(meta["history"]),
+        "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": elastic.resizes(meta["history"]),
         "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
         "run": {"name": run_name, "storage_path": storage_path, "checkpoint": final.path},
         "restarts": failures.read_records(data.join(run_dir, failures.RECORD)),
@@ -175,7 +182,7 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
 
-    from trainer.backend import KerasConfig, Restarts, trainer_class
+    from trainer.backend import Restarts, TFConfigSetup, trainer_class
     from trainer.worker import train_loop_per_worker
 
     marks["driver_imports_done"] = time.time()
@@ -183,7 +190,7 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "train_rows": train_rows, "launch": uuid.uuid4().hex[:8],
                            "init": start and {"weights": start.weights, "slots": start.slots}},
-        backend_config=KerasConfig(tf_log_level="0" if cfg.verbose else "3"),
+        backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},

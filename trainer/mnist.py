@@ -42,14 +42,22 @@ def validate(data: Mnist, where: str) -> Mnist:
             raise DataError(f"{where}: {split} images are {x.dtype}, expected uint8")
         if len(x) == 0:
             raise DataError(f"{where}: the {split} split is empty")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{where}: {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+        problem = label_problem(y, f"{split} labels")
+        if problem:
+            raise DataError(f"{where}: {problem}")
         if len(y) != len(x):
             raise DataError(f"{where}: {len(x)} {split} images but {len(y)} labels")
-        if y.min() < 0 or y.max() > 9:
-            raise DataError(f"{where}: {split} labels must lie in 0..9, found {y.min()}..{y.max()}")
         out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.uint8)
     return Mnist(**out)
+
+
+def label_problem(labels: np.ndarray, what: str = "labels") -> str | None:
+    """Why `labels` are not digit labels (a 1-D integer array in 0..9), or None if they are."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return f"{what} must be a 1-D integer array, got {labels.dtype} {labels.shape}"
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        return f"{what} must lie in 0..9, found {labels.min()}..{labels.max()}"
+    return None
 
 
 def content_hash(data: Mnist) -> str:

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import classification_report, confusion_matrix
 
+from trainer.mnist import label_problem
 from trainer.outputs import write_bytes_atomic, write_json_atomic
 
 NUM_CLASSES = 10
@@ -59,14 +60,13 @@ def _scores(row: dict) -> dict:
 
 def _check_predictions(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
-    if y_true.ndim != 1 or not np.issubdtype(y_true.dtype, np.integer):
-        raise ValueError(f"y_true must be a 1-D integer array, got {y_true.dtype} {y_true.shape}")
+    problem = label_problem(y_true)
+    if problem:
+        raise ValueError(problem)
     if probs.shape != (len(y_true), NUM_CLASSES):
         raise ValueError(f"probs must have shape ({len(y_true)}, {NUM_CLASSES}), got {probs.shape}")
     if len(y_true) == 0:
         raise ValueError("no predictions to evaluate")
-    if y_true.min() < 0 or y_true.max() >= NUM_CLASSES:
-        raise ValueError(f"labels must lie in 0..9, found {y_true.min()}..{y_true.max()}")
     return y_true.astype(np.int64), probs
 
 

@@ -11,9 +11,6 @@ import time
 
 import psutil
 
-GREW = "room for more workers at Ray Train's resize check"
-SHRANK = "a worker failed and fewer fit: Ray Train restarted with the workers it could place"
-RERUN = "a rerun with another --num-workers resumed the run"
 DRIVER_POINTS = ("process_start", "ray_up", "driver_imports_done", "training_launched")
 WORKER_POINTS = ("worker_started", "loop_started", "tensorflow_imported", "shard_in_memory",
                  "collectives_ready", "first_step", "last_step")
@@ -51,21 +48,3 @@ def format_timeline(timeline: dict[str, float]) -> str:
         parts.append(f"{name} {at:.1f}s" + (f" (+{at - previous:.1f})" if parts else ""))
         previous = at
     return " | ".join(parts)
-
-
-def resizes(history: list[dict]) -> list[dict]:
-    """Each change of world size between consecutive epochs: after which epoch, from and to how many
-    workers, why (within one launch of Ray Train, an elastic run grew or shrank; across launches, a
-    rerun chose another size), and the seconds from the last step before it to the first step after
-    (the partial epoch lost, noticing the change, and the restart)."""
-    found = []
-    for before, after in zip(history, history[1:]):
-        old, new = before.get("world_size"), after.get("world_size")
-        if old is None or new is None or old == new:
-            continue
-        found.append({
-            "after_epoch": before["epoch"], "from": old, "to": new,
-            "reason": RERUN if before.get("launch") != after.get("launch") else GREW if new > old else SHRANK,
-            "at_unix": after["first_step_unix"],
-            "gap_seconds": round(after["first_step_unix"] - before["first_step_unix"] - before["seconds"], 3)})
-    return found

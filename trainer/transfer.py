@@ -34,6 +34,7 @@ from PIL import Image
 
 from trainer import quiet
 from trainer.config import Config
+from trainer.mnist import label_problem
 from trainer.predict import load_model, mnist_like
 
 NUM_CLASSES = 10
@@ -53,10 +54,9 @@ SPLIT = (f"seeded random, stratified by digit (sklearn's UCI digits carry no wri
 def check_labels(labels) -> np.ndarray:
     """Labels as int64 (n,), or ValueError unless they are a 1-D integer array in 0..9."""
     labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    problem = label_problem(labels)
+    if problem:
+        raise ValueError(problem)
     return labels.astype(np.int64)
 
 

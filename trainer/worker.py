@@ -30,7 +30,8 @@ from trainer import checkpoint, quiet, tf_internals, warm
 from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.data import images_from_column
 from trainer.failures import WorkerFailure, summarize
-from trainer.timeline import process_start_time, resizes
+from trainer.elastic import resizes
+from trainer.timeline import process_start_time
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
