@@ -1,7 +1,7 @@
 """Shared test helpers: the committed MNIST sample, running the real job in a subprocess, and the
 runs that several test files read (session fixtures, each trained once).
 
-Tiers (markers set here, by what a test starts):
+Tiers (markers: a module's `pytestmark`, or a fixture that starts Ray; checked here):
   unit   no Ray, no job process: `bash scripts/test.sh -m "not ray and not slow"` (about 2 minutes)
   ray    real Ray (a local one, `ray start`, a simulated cluster) on the committed sample
   slow   full MNIST (needs MNIST_DATA; CI sets it from ../shared/data/mnist)
@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "mnist_sample.npz"  # 3,000 train + 1,000 test real MNIST digits
 JOB = ROOT / "jobs" / "train_mnist.py"
-RAY_FILES = {"test_job.py", "test_faults.py", "test_multinode.py", "test_storage.py", "test_storage_faults.py", "test_retrain.py",
-             "test_benchmark.py", "test_full_mnist.py"}  # every test in them starts Ray
+RAY_FIXTURES = {"extras_run", "cluster"}  # fixtures that run the job or start a cluster
+RAY_SESSIONS = Path(tempfile.gettempdir()) / "ray"  # a Ray started on this machine makes a session_* here
 
 
 def pytest_collection_modifyitems(items):
-    """A test that starts Ray is marked `ray`: by file, or by using a fixture that runs the job."""
+    """A test that starts Ray is marked `ray`: where it is written (a module's `pytestmark`, for
+    files whose tests run the job themselves), or by using a fixture that does."""
     for item in items:
-        if Path(item.fspath).name in RAY_FILES or {"extras_run", "cluster"} & set(item.fixturenames):
+        if RAY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """The marker cannot drift: a test that is not marked `ray` and starts Ray (in-process, or in a
+    job or script it runs) fails, so the unit tier stays free of Ray."""
+    if request.node.get_closest_marker("ray"):
+        yield
+        return
+    before = set(RAY_SESSIONS.glob("session_2*"))
+    yield
+    started = sorted(set(RAY_SESSIONS.glob("session_2*")) - before)
+    if started:
+        pytest.fail(f"this test started Ray ({started[0].name}) but is not marked `ray`: add "
+                    "`pytestmark = pytest.mark.ray` to its module, or use a fixture in RAY_FIXTURES")
 
 
 def job_env(**extra: str) -> dict:

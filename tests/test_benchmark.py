@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, gpu_count
 
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
+
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
 FIGURES = ("seconds_per_epoch", "samples_per_second", "start_to_first_step_s", "wall_s",
            "peak_rss_mb", "test_accuracy", "console_lines")

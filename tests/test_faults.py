@@ -17,8 +17,10 @@ import time
 import pytest
 
 from tests.conftest import SAMPLE, assert_each_step_used_the_global_batch, read_metrics, run_job, simulated_cluster
-from trainer.timeline import GREW, RERUN, SHRANK
+from trainer.elastic import GREW, RERUN, SHRANK
 from tests.conftest import start_job as start_any_job
+
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
 
 RECIPE = ["--data", str(SAMPLE), "--epochs", "5", "--batch-size", "32", "--seed", "0"]
 GROW_EPOCHS = 24  # see the grow test: long enough for Ray Train to notice a new node on a fast machine

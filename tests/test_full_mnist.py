@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import assert_each_step_used_the_global_batch, read_metrics, run_job
 
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
+
 WORKER_COUNTS = (1, 2, 4)
 ONE_RUN_FLOOR = 0.975
 MEAN_FLOOR = 0.977

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import SAMPLE, assert_each_step_used_the_global_batch, gpu_count, read_metrics, run_job
 
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
+
 SAMPLE_TRAIN_ROWS = 3000
 EPOCHS = 5  # under a second each on the sample: about 0.91 test accuracy
 WORKER_COUNTS = (1, 2)  # 4 workers run on full MNIST (tests/test_full_mnist.py), shards checked there too

@@ -1,6 +1,10 @@
 """Placement on a simulated 2-node cluster (ray.cluster_utils.Cluster on one machine, loopback)."""
 
+import pytest
+
 from tests.conftest import SAMPLE, read_metrics, run_job, simulated_cluster
+
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
 
 
 def test_spread_puts_one_worker_on_each_node_and_trains(tmp_path):

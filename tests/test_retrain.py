@@ -24,7 +24,7 @@ from trainer.data import content_hash, load_npz
 
 RETRAIN = ROOT / "jobs" / "retrain.py"
 GATE = ("--min-accuracy", "0.5")  # the sample's few epochs do not reach the production floor
-pytestmark = pytest.mark.timeout(1800)  # the module fixture trains three times
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]  # the module fixture trains five times
 
 
 def start(store, *args: str) -> subprocess.Popen:

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ROOT, SAMPLE, free_port, run_job
 
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
+
 BUCKET = "mnist"
 
 

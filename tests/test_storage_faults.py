@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ROOT, SAMPLE, job_env, run_job, start_job
 
+pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
+
 SMALL = ["--data", str(SAMPLE), "--epochs", "2"]
 
 
