@@ -33,12 +33,11 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from cpu_sampler import CpuSampler  # scripts/, beside this file
+from trainer.outputs import write_bytes_atomic, write_json_atomic
+from trainer.timeline import format_timeline
 
-from cpu_sampler import CpuSampler  # noqa: E402  (scripts/, beside this file)
-from trainer.outputs import write_bytes_atomic, write_json_atomic  # noqa: E402
-from trainer.timeline import format_timeline  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE = os.path.join(ROOT, "tests", "data", "mnist_sample.npz")
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "mnist")

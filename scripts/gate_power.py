@@ -17,15 +17,12 @@ tests/test_gate.py runs the same scenarios with fewer trials and asserts the bou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.gate import compare  # noqa: E402
-from trainer.policy import Policy  # noqa: E402
+from trainer.gate import compare
+from trainer.policy import Policy
 
 LABELS = np.repeat(np.arange(10), 1000)
 ACCURACY = 0.98  # the default recipe's

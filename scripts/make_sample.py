@@ -13,9 +13,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import data  # noqa: E402
+from trainer import data
 
 
 def main(argv: list[str] | None = None) -> int:

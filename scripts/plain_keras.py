@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import quiet  # noqa: E402
-from trainer.config import MODELS, Config  # noqa: E402
+from trainer import quiet
+from trainer.config import MODELS, Config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,9 @@ shared copy (a local path or a URI such as s3://bucket/mnist) that every run the
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import data  # noqa: E402
+from trainer import data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")
 BASE_ROWS = 50_000
 
