@@ -1,6 +1,6 @@
 """The baseline: the classic tutorial as one plain Keras process (model.fit on in-memory arrays).
 
-    python scripts/plain_keras.py --data ../shared/data/mnist
+    python scripts/plain_keras.py --data ../shared/data/mnist [--save mnist.keras]
 
 Same model, optimizer and recipe as the distributed job (trainer.model.build_model), no Ray.
 Prints per-epoch seconds, the test accuracy and the wall time, and a JSON summary line.
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="TensorFlow's intra- and inter-op threads (default: its own)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="cpu hides any GPU, as the job's CPU workers do; gpu requires one")
+    parser.add_argument("--save", metavar="PATH", help="also save the trained model (.keras or .h5), as the "
+                        "tutorial saves models/mnist.h5")
     args = parser.parse_args(argv)
 
     tf = quiet.import_tensorflow()
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     model.fit(x_train, y_train, batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=2, callbacks=[timer])
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(f"test accuracy: {accuracy:.4f}")
+    if args.save:
+        from trainer.outputs import save_model_atomic
+
+        save_model_atomic(model, args.save)
+        print(f"model saved to {args.save}")
     print(json.dumps({"test_accuracy": accuracy, "test_loss": loss, "epoch_seconds": timer.seconds,
                       "start_to_first_step": timer.first_step - started,
                       "wall_seconds": time.time() - started}))
