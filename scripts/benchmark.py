@@ -145,13 +145,13 @@ def run_benchmark(args) -> dict:
 
 def _prepare_data(data: str, storage: str) -> tuple[float, int]:
     """Validate the data and write the job's Parquet shards where its runs will look: (s, train rows)."""
-    from trainer import data as mnist_data
+    from trainer import data as mnist_data, storage as storage_paths
     from trainer.driver import DATA_DIR
 
     started = time.perf_counter()
     try:
         _, _, manifest = mnist_data.prepare(mnist_data.resolve_source(data),
-                                            mnist_data.join(storage, DATA_DIR))
+                                            storage_paths.join(storage, DATA_DIR))
     except (mnist_data.DataError, ValueError) as exc:
         raise BenchmarkError(str(exc)) from None
     return time.perf_counter() - started, manifest["splits"]["train"]["rows"]

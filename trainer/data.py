@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from trainer import errors
+from trainer.storage import filesystem, join
 from trainer.idx import load_idx_dir
 from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, DataError, Mnist, content_hash, validate
 from trainer.outputs import temporary_sibling
@@ -78,18 +79,6 @@ def load_npz(path: str) -> Mnist:
 
 
 # ---------------------------------------------------------------------------- Parquet
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path within it, for local paths and URIs (s3://, gs://...)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def join(base: str, *parts: str) -> str:
-    """os.path.join for local paths, '/'-joins for URIs."""
-    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
-
 
 def is_parquet_dir(path: str) -> bool:
     fs, root = filesystem(path)

@@ -47,12 +47,12 @@ def _run(cfg: Config) -> dict:
     start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
     storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
-    run_dir = data.join(storage_path, run_name)
+    run_dir = storage.join(storage_path, run_name)
     # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
     places = {"output": storage.Place.check("--output", cfg.output),
               "storage": storage.Place.check("--storage-path", storage_path) if storage.local(storage_path) else None}
     with storage.writing(places["storage"], "writing the prepared data"):
-        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), data.join(storage_path, DATA_DIR))
+        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), storage.join(storage_path, DATA_DIR))
     train_rows = manifest["splits"]["train"]["rows"]
     if steps_per_epoch(train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
         raise ValueError(f"{train_rows} training rows split over {cfg.max_workers} workers is less than one "
@@ -65,7 +65,7 @@ def _run(cfg: Config) -> dict:
         done = _finished_outputs(run_dir)
         if done is not None:
             print(f"run {run_name} already finished (test accuracy {done['test_accuracy']:.4f}, "
-                  f"outputs in {data.join(run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
+                  f"outputs in {storage.join(run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
                   flush=True)
             return done
         print(f"run {run_name} finished training; evaluating its last checkpoint", flush=True)
@@ -92,12 +92,12 @@ def _run(cfg: Config) -> dict:
         "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": elastic.resizes(meta["history"]),
         "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
         "run": {"name": run_name, "storage_path": storage_path, "checkpoint": final.path},
-        "restarts": failures.read_records(data.join(run_dir, failures.RECORD)),
+        "restarts": failures.read_records(storage.join(run_dir, failures.RECORD)),
     }
     evaluation = report.evaluation_report(mnist.y_test, probs)
     # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
     worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
-    published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, data.join(run_dir, PUBLISHED),
+    published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, storage.join(run_dir, PUBLISHED),
                                marks, worker_marks, places)
     print(report.format_report(evaluation), flush=True)
     print(f"test accuracy: {test_accuracy:.4f}", flush=True)
@@ -169,7 +169,7 @@ def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_nam
         marks["training_done"] = time.time()
         return result
     except TrainingFailedError as exc:
-        used = len(failures.read_records(data.join(storage, run_name, failures.RECORD)))
+        used = len(failures.read_records(storage.join(storage, run_name, failures.RECORD)))
         raise TrainingError(failures.explain(exc, used)) from None
     finally:
         ray.shutdown()
@@ -203,7 +203,7 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
             name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[Restarts(data.join(storage, run_name, failures.RECORD), cfg.max_failures, epochs_done)],
+            callbacks=[Restarts(storage.join(storage, run_name, failures.RECORD), cfg.max_failures, epochs_done)],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
     marks["training_launched"] = time.time()
@@ -215,7 +215,7 @@ def _previous_checkpoint(cfg: Config, run_dir: str):
 
     With --force an existing run folder is moved aside (never deleted) and training starts over.
     """
-    fs, path = data.filesystem(run_dir)
+    fs, path = storage.filesystem(run_dir)
     if fs.get_file_info(path).type.name == "NotFound":
         return None
     if cfg.force:
@@ -245,7 +245,7 @@ def _previous_checkpoint(cfg: Config, run_dir: str):
 
 def _finished_outputs(run_dir: str) -> dict | None:
     """The published metrics of a run that finished (metrics.json is published last), else None."""
-    fs, path = data.filesystem(data.join(run_dir, PUBLISHED, "metrics.json"))
+    fs, path = storage.filesystem(storage.join(run_dir, PUBLISHED, "metrics.json"))
     try:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read())

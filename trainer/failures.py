@@ -129,7 +129,7 @@ def explain(error: BaseException, restarts: int) -> str:
 
 def append_record(path: str, entry: dict) -> None:
     """Add `entry` to the JSON list at `path` (local or URI), replacing the file whole."""
-    from trainer.data import filesystem
+    from trainer.storage import filesystem
 
     fs, target = filesystem(path)
     entries = read_records(path)
@@ -140,7 +140,7 @@ def append_record(path: str, entry: dict) -> None:
 
 def read_records(path: str) -> list[dict]:
     """The restarts recorded at `path`; none if it is missing or unreadable."""
-    from trainer.data import filesystem
+    from trainer.storage import filesystem
 
     fs, target = filesystem(path)
     try:

@@ -5,6 +5,7 @@ A crash at any point leaves either the old file or the new one, never half of on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -22,17 +23,24 @@ def temporary_sibling(path: str, kind: str = "tmp") -> str:
     return posixpath.join(directory, f".{stem}.{kind}-{uuid.uuid4().hex[:8]}{ext}")
 
 
-def write_bytes_atomic(path: str, payload: bytes) -> None:
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yield a temporary sibling of `path` to write; when the block succeeds, rename it over `path`.
+    Either way the temporary is gone afterwards."""
     tmp = temporary_sibling(os.path.abspath(path))
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes_atomic(path: str, payload: bytes) -> None:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str, value) -> None:
@@ -41,13 +49,8 @@ def write_json_atomic(path: str, value) -> None:
 
 def save_model_atomic(model, path: str) -> None:
     """model.save to a temporary .keras/.h5 sibling, then rename into place."""
-    tmp = temporary_sibling(os.path.abspath(path))
-    try:
+    with replacing(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def publish(paths: list[str], destination: str) -> None:
@@ -57,7 +60,7 @@ def publish(paths: list[str], destination: str) -> None:
     rest is complete."""
     from pyarrow import fs as pafs
 
-    from trainer.data import filesystem
+    from trainer.storage import filesystem
 
     target_fs, root = filesystem(destination)
     target_fs.create_dir(root, recursive=True)

@@ -14,7 +14,10 @@ import contextlib
 import os
 import re
 import uuid
+import posixpath
 from dataclasses import dataclass
+
+import pyarrow.fs as pafs
 
 from trainer import errors
 
@@ -89,3 +92,15 @@ def writing(place: Place | None, doing: str):
 
 def local(path: str | None) -> bool:
     return bool(path) and "://" not in path
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path within it, for local paths and URIs (s3://, gs://...)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """os.path.join for local paths, '/'-joins for URIs."""
+    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
