@@ -220,3 +220,14 @@ def test_the_ray_settings_are_set_for_the_block_and_never_override_the_users(mon
     with cluster.environment(Config()):
         assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and os.environ["RAY_worker_niceness"] == "5"
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ and os.environ["RAY_worker_niceness"] == "5"
+
+
+def test_the_prepare_step_checks_and_plans_a_run_without_ray(tmp_path):
+    from trainer import driver
+    from trainer.config import Config
+
+    plan = driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), run_name="r"))
+    assert plan.train_rows == 3000 and len(plan.mnist.y_test) == 1000
+    assert plan.run_dir == str(tmp_path / "out" / "ray_results" / "r") and data.is_parquet_dir(plan.parquet_dir)
+    with pytest.raises(ValueError, match="3000 training rows split over 2 workers is less than one batch of 2048"):
+        driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), batch_size=4096))

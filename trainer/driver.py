@@ -16,10 +16,12 @@ import os
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 
 from trainer import checkpoint, cluster, data, elastic, errors, failures, quiet, storage, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
-from trainer.outputs import MODEL_FILES, publish, save_model_atomic, write_json_atomic
+from trainer.mnist import Mnist
+from trainer.outputs import MODEL_FILES, copy_published, save_model_atomic, write_json_atomic
 
 DATA_DIR = "_prepared_data"  # under the storage path, beside the runs
 PUBLISHED = "model"  # <storage>/<run>/model/: the final outputs, where a submitted job's user finds them
@@ -31,99 +33,128 @@ class TrainingError(RuntimeError):
     the cause; then the failing worker's last frame and exception, and the path of its full log."""
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What prepare() settles before Ray starts: where the run lives, its data (checked), the places
+    it writes (checked), and the --init-from weights."""
+    storage_path: str
+    run_name: str
+    parquet_dir: str
+    mnist: Mnist
+    manifest: dict
+    places: dict  # "output" and "storage": storage.Place, or None for an object store's URI
+    start: object = None  # trainer.warm's weights for --init-from, if given
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.storage_path, self.run_name)
+
+    @property
+    def train_rows(self) -> int:
+        return self.manifest["splits"]["train"]["rows"]
+
+
 def run(cfg: Config) -> dict:
     """Train with Ray Train, evaluate on the test split, write outputs; return the metrics dict.
 
-    Ray's settings (cluster.ray_settings) are in the environment for the run only: set before
-    anything imports Ray (a resumed run's checkpoint lookup does), restored when it returns or fails."""
+    Four steps: prepare (checks, data), train (or resume, or find the run finished), evaluate,
+    publish. Ray's settings (cluster.ray_settings) are in the environment for the run only: set
+    before anything imports Ray (a resumed run's checkpoint lookup does), restored when it ends."""
     with cluster.environment(cfg):
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
-    marks = {"process_start": timeline.process_start_time()}
-    if cluster.address(cfg):
-        cluster.check_reachable(cluster.address(cfg))
-    start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
-    storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
-    run_name = cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S")
-    run_dir = storage.join(storage_path, run_name)
-    # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
-    places = {"output": storage.Place.check("--output", cfg.output),
-              "storage": storage.Place.check("--storage-path", storage_path) if storage.local(storage_path) else None}
-    with storage.writing(places["storage"], "writing the prepared data"):
-        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), storage.join(storage_path, DATA_DIR))
-    train_rows = manifest["splits"]["train"]["rows"]
-    if steps_per_epoch(train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
-        raise ValueError(f"{train_rows} training rows split over {cfg.max_workers} workers is less than one "
-                         f"batch of {rank_batch(cfg.batch_size, cfg.max_workers, 0)} per worker; use a smaller --batch-size")
-    print(f"data: {parquet_dir} ({train_rows} train / {manifest['splits']['test']['rows']} test rows, "
-          f"sha256 {manifest['content_sha256'][:12]})", flush=True)
-
-    latest = _previous_checkpoint(cfg, run_dir)
-    if latest is not None and latest[1]["epochs_done"] >= cfg.epochs:
-        done = _finished_outputs(run_dir)
-        if done is not None:
-            print(f"run {run_name} already finished (test accuracy {done['test_accuracy']:.4f}, "
-                  f"outputs in {storage.join(run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
+        marks = {"process_start": timeline.process_start_time()}
+        plan = prepare(cfg)
+        latest = _previous_checkpoint(cfg, plan.run_dir)
+        if latest is not None and latest[1]["epochs_done"] >= cfg.epochs:
+            done = _finished_outputs(plan.run_dir)
+            if done is not None:
+                print(f"run {plan.run_name} already finished (test accuracy {done['test_accuracy']:.4f}, outputs "
+                      f"in {storage.join(plan.run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
+                      flush=True)
+                return done
+            print(f"run {plan.run_name} finished training; evaluating its last checkpoint", flush=True)
+            final = latest[0]
+        else:
+            print(f"run: {plan.run_name} in {plan.storage_path} (rerun with --run-name {plan.run_name} to resume)",
                   flush=True)
-            return done
-        print(f"run {run_name} finished training; evaluating its last checkpoint", flush=True)
-        final = latest[0]
-    else:
-        print(f"run: {run_name} in {storage_path} (rerun with --run-name {run_name} to resume)", flush=True)
-        epochs_done = latest[1]["epochs_done"] if latest else 0
-        final = _train(cfg, parquet_dir, train_rows, storage_path, run_name, marks, start, epochs_done).checkpoint
-
-    quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
-    from trainer import report
-    from trainer.model import evaluate
-
-    with final.as_directory() as directory:
-        model, meta = _restore_model(cfg, directory, train_rows)
-        workers = checkpoint.read_worker_info(directory)
-    test_loss, test_accuracy, probs = evaluate(model, mnist.x_test, mnist.y_test)
-    marks["evaluation_done"] = time.time()
-    metrics = {
-        "test_accuracy": test_accuracy, "test_loss": test_loss, "num_workers": cfg.num_workers,
-        "epochs": meta["history"], "config": cfg.to_dict(),
-        "workers": [{k: v for k, v in w.items() if k != "timeline"} for w in workers],
-        "init": start.describe() if start else None,
-        "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": elastic.resizes(meta["history"]),
-        "data": {"path": parquet_dir, "content_sha256": manifest["content_sha256"], "train_rows": train_rows},
-        "run": {"name": run_name, "storage_path": storage_path, "checkpoint": final.path},
-        "restarts": failures.read_records(storage.join(run_dir, failures.RECORD)),
-    }
-    evaluation = report.evaluation_report(mnist.y_test, probs)
-    # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
-    worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
-    published = _write_outputs(cfg, model, metrics, mnist, probs, evaluation, storage.join(run_dir, PUBLISHED),
-                               marks, worker_marks, places)
-    print(report.format_report(evaluation), flush=True)
-    print(f"test accuracy: {test_accuracy:.4f}", flush=True)
+            final, points = train(cfg, plan, latest[1]["epochs_done"] if latest else 0)
+            marks.update(points)
+        model, metrics, probs, workers = evaluate(cfg, plan, final)
+        marks["evaluation_done"] = time.time()
+        # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
+        worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
+        published = publish(cfg, plan, model, metrics, probs, marks, worker_marks)
+    first_step = metrics["timeline"].get("first_step")
+    print(f"test accuracy: {metrics['test_accuracy']:.4f}", flush=True)
     print(f"model saved to {os.path.join(cfg.output, 'mnist.keras')} and mnist.h5 "
           f"(copies with metrics.json in {published})", flush=True)
-    first_step = metrics["timeline"].get("first_step")
     print(f"done in {metrics['wall_seconds']:.1f}s" + (f"; the first training step came at {first_step:.1f}s"
           if first_step is not None else "") + " (timeline in metrics.json)", flush=True)
     return metrics
 
 
-def _write_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: dict, published: str,
-                   marks: dict, worker_marks: list[dict], places: dict) -> str:
-    """Model files, report and plots, then metrics.json, into --output (each atomically), then the
-    same files into <run>/model in the storage path (metrics.json last: it marks them complete).
-    A place that fails gives a StorageError naming it; each file is the old one or the new one.
-    `places`: the checked --output and --storage-path (None for an object store's URI)."""
-    for place in filter(None, places.values()):
-        place.unchanged()
-    with storage.writing(places["output"], "writing the model and reports"):
-        _write_local_outputs(cfg, model, metrics, mnist, probs, evaluation, marks, worker_marks)
+def prepare(cfg: Config) -> Plan:
+    """Step 1, before Ray: the cluster reachable, --init-from's model fits, --output and
+    --storage-path writable, the data validated and written as Parquet shards (once per content)."""
+    if cluster.address(cfg):
+        cluster.check_reachable(cluster.address(cfg))
+    start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
+    storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
+    # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
+    places = {"output": storage.Place.check("--output", cfg.output),
+              "storage": storage.Place.check("--storage-path", storage_path) if storage.local(storage_path) else None}
+    with storage.writing(places["storage"], "writing the prepared data"):
+        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), storage.join(storage_path, DATA_DIR))
+    plan = Plan(storage_path, cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S"), parquet_dir, mnist, manifest,
+                places, start)
+    if steps_per_epoch(plan.train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
+        raise ValueError(f"{plan.train_rows} training rows split over {cfg.max_workers} workers is less than one "
+                         f"batch of {rank_batch(cfg.batch_size, cfg.max_workers, 0)} per worker; use a smaller --batch-size")
+    print(f"data: {parquet_dir} ({plan.train_rows} train / {manifest['splits']['test']['rows']} test rows, "
+          f"sha256 {manifest['content_sha256'][:12]})", flush=True)
+    return plan
+
+
+def evaluate(cfg: Config, plan: Plan, final) -> tuple:
+    """Step 3: the final checkpoint's model on the 10,000 test images: (model, metrics, softmax
+    outputs, each worker's record)."""
+    quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
+    from trainer.model import evaluate as score
+
+    with final.as_directory() as directory:
+        model, meta = _restore_model(cfg, directory, plan.train_rows)
+        workers = checkpoint.read_worker_info(directory)
+    test_loss, test_accuracy, probs = score(model, plan.mnist.x_test, plan.mnist.y_test)
+    metrics = {
+        "test_accuracy": test_accuracy, "test_loss": test_loss, "num_workers": cfg.num_workers,
+        "epochs": meta["history"], "config": cfg.to_dict(),
+        "workers": [{k: v for k, v in w.items() if k != "timeline"} for w in workers],
+        "init": plan.start.describe() if plan.start else None,
+        "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": elastic.resizes(meta["history"]),
+        "data": {"path": plan.parquet_dir, "content_sha256": plan.manifest["content_sha256"],
+                 "train_rows": plan.train_rows},
+        "run": {"name": plan.run_name, "storage_path": plan.storage_path, "checkpoint": final.path},
+        "restarts": failures.read_records(storage.join(plan.run_dir, failures.RECORD)),
+    }
+    return model, metrics, probs, workers
+
+
+def publish(cfg: Config, plan: Plan, model, metrics: dict, probs, marks: dict, worker_marks: list[dict]) -> str:
+    """Step 4: model files, report and plots, then metrics.json (with the timeline), into --output
+    (each atomically); then the same files into <run>/model in the storage path (metrics.json last:
+    it marks them complete); then the report on the console. A place that fails gives a StorageError
+    naming it; each file is the old one or the new one. Returns where the copies went."""
     from trainer import export, report
 
+    evaluation = report.evaluation_report(plan.mnist.y_test, probs)
+    for place in filter(None, plan.places.values()):
+        place.unchanged()
+    with storage.writing(plan.places["output"], "writing the model and reports"):
+        _write_local_outputs(cfg, model, metrics, plan.mnist, probs, evaluation, marks, worker_marks)
+    published = storage.join(plan.run_dir, PUBLISHED)
     names = [*MODEL_FILES, *report.FILES] + ([export.DIRECTORY] if cfg.export_savedmodel else [])
-    with storage.writing(places["storage"], f"publishing the outputs to {published}"):
-        publish([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
+    with storage.writing(plan.places["storage"], f"publishing the outputs to {published}"):
+        copy_published([os.path.join(cfg.output, name) for name in (*names, "metrics.json")], published)
+    print(report.format_report(evaluation), flush=True)
     return published
 
 
@@ -154,30 +185,31 @@ def _warm_start(cfg: Config):
     return start
 
 
-def _train(cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start,
-           epochs_done: int):
+def train(cfg: Config, plan: Plan, epochs_done: int):
+    """Step 2: start or join Ray, check the workers fit and the storage is shared, and run Ray Train
+    from `epochs_done`; (the final checkpoint, the timeline's points on the way)."""
     import ray
     from ray.train import TrainingFailedError
 
+    points = {}
     cluster.connect(ray, cfg)
-    marks["ray_up"] = time.time()
+    points["ray_up"] = time.time()
     signal.signal(signal.SIGTERM, errors.interrupt)  # after ray.init, whose native handler would abort
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
-        cluster.check_storage_shared(ray, storage)
-        result = _fit(ray, cfg, parquet_dir, train_rows, storage, run_name, marks, start, epochs_done)
-        marks["training_done"] = time.time()
-        return result
+        cluster.check_storage_shared(ray, plan.storage_path)
+        result = _fit(ray, cfg, plan, epochs_done, points)
+        points["training_done"] = time.time()
+        return result.checkpoint, points
     except TrainingFailedError as exc:
-        used = len(failures.read_records(storage.join(storage, run_name, failures.RECORD)))
+        used = len(failures.read_records(storage.join(plan.run_dir, failures.RECORD)))
         raise TrainingError(failures.explain(exc, used)) from None
     finally:
         ray.shutdown()
-        marks["ray_down"] = time.time()
+        points["ray_down"] = time.time()
 
 
-def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_name: str, marks: dict, start,
-         epochs_done: int):
+def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict):
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
@@ -185,28 +217,29 @@ def _fit(ray, cfg: Config, parquet_dir: str, train_rows: int, storage: str, run_
     from trainer.backend import Restarts, TFConfigSetup, trainer_class
     from trainer.worker import train_loop_per_worker
 
-    marks["driver_imports_done"] = time.time()
+    points["driver_imports_done"] = time.time()
+    start = plan.start
     trainer = trainer_class(local=not cluster.address(cfg))(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "train_rows": train_rows, "launch": uuid.uuid4().hex[:8],
+        train_loop_config={"config": cfg.to_dict(), "train_rows": plan.train_rows, "launch": uuid.uuid4().hex[:8],
                            "init": start and {"weights": start.weights, "slots": start.slots}},
         backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
-        datasets={"train": ray.data.from_arrow(data.read_parquet_tables(parquet_dir, "train"))},  # a block a file
+        datasets={"train": ray.data.from_arrow(data.read_parquet_tables(plan.parquet_dir, "train"))},  # a block a file
         # preserve_order: blocks reach the split in file order and go to the emptiest worker, so the
         # same seed gives the same shards and the same run (locality-based dispatch varies run to run).
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=run_name, storage_path=storage,
+            name=plan.run_name, storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[Restarts(storage.join(storage, run_name, failures.RECORD), cfg.max_failures, epochs_done)],
+            callbacks=[Restarts(storage.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done)],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
-    marks["training_launched"] = time.time()
+    points["training_launched"] = time.time()
     return trainer.fit()
 
 

@@ -53,7 +53,7 @@ def save_model_atomic(model, path: str) -> None:
         model.save(tmp)
 
 
-def publish(paths: list[str], destination: str) -> None:
+def copy_published(paths: list[str], destination: str) -> None:
     """Copy finished files into `destination` (a local path or a URI such as s3://bucket/run/model),
     in order, each under a temporary name first and then renamed: a reader never sees half a file.
     A folder (the SavedModel) is copied in place. Put metrics.json last: its presence means the
