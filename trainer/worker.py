@@ -29,8 +29,9 @@ import ray.train
 from trainer import checkpoint, quiet, tf_internals, warm
 from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.data import images_from_column
-from trainer.failures import WorkerFailure, summarize
 from trainer.elastic import resizes
+from trainer.failures import WorkerFailure, summarize
+from trainer.tensorboard import EpochWriter  # imports TensorFlow only when a writer is made
 from trainer.timeline import process_start_time
 
 
@@ -64,7 +65,7 @@ def _train(cfg: Config, loop_config: dict) -> None:
         warm.apply(model, **loop_config["init"])
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
     train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
-    board = _tensorboard(cfg) if rank == 0 else None
+    board = EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir and rank == 0 else None
     previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
     launched = [h["first_step_unix"] for h in history if h.get("launch") == loop_config["launch"]]
     if launched:  # a restart within this launch: its first step was an earlier group's
@@ -270,12 +271,6 @@ def _report(model, cfg: Config, epoch: int, history: list[dict], info: dict, ran
         ray.train.report({**history[-1], "global_rows_seen": info["global_rows_seen"],
                           "global_rows_duplicated": info["global_rows_duplicated"]},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _tensorboard(cfg: Config):
-    from trainer.tensorboard import EpochWriter
-
-    return EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir else None
 
 
 def _announce(record: dict, epochs: int, history: list[dict], board, model) -> None:
