@@ -19,7 +19,6 @@ process around the training workers. Prints them as ratios to (a) and writes
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import sys
 import time
 
 from cpu_sampler import CpuSampler  # scripts/, beside this file
+from trainer.cli import script_parser
 from trainer.outputs import write_bytes_atomic, write_json_atomic
 from trainer.timeline import format_timeline
 
@@ -82,8 +82,7 @@ class BenchmarkError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--data", help="MNIST (IDX dir, .npz or Parquet); default $MNIST_DATA, "
                         "else ../shared/data/mnist")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of every run")

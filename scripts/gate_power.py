@@ -16,11 +16,11 @@ tests/test_gate.py runs the same scenarios with fewer trials and asserts the bou
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
+from trainer.cli import script_parser
 from trainer.gate import compare
 from trainer.policy import Policy
 
@@ -94,7 +94,7 @@ def real_pairs(paths: list[str], data: str | None, policy: Policy) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--alpha", type=float, default=Policy.alpha)
     parser.add_argument("--margin", type=float, default=Policy.margin)

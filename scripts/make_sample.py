@@ -7,17 +7,17 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 from trainer import data
+from trainer.cli import script_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--data", help="full MNIST source; default $MNIST_DATA")
     parser.add_argument("--out", default="tests/data/mnist_sample.npz")
     parser.add_argument("--train", type=int, default=3000)

@@ -8,18 +8,18 @@ Prints per-epoch seconds, the test accuracy and the wall time, and a JSON summar
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
 from trainer import quiet
+from trainer.cli import script_parser
 from trainer.config import MODELS, Config
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     defaults = Config()
     parser.add_argument("--data")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)

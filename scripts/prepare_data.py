@@ -8,14 +8,14 @@ shared copy (a local path or a URI such as s3://bucket/mnist) that every run the
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from trainer import data
+from trainer.cli import script_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--data", help="source; default $MNIST_DATA, else the keras download")
     parser.add_argument("--out", required=True, help="destination directory or URI (must not exist)")
     parser.add_argument("--rows-per-file", type=int, default=10_000)

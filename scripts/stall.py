@@ -12,7 +12,6 @@ is the one its actor wrote into the latest checkpoint (never found by process na
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import multiprocessing
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from trainer.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")
@@ -94,7 +95,7 @@ def one_run(args, stall_s: float, work: str, label: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--data", required=True, help="MNIST for the job (--data)")
     parser.add_argument("--stall", type=float, nargs="*", default=[], help="seconds to freeze a worker, one run each")
     parser.add_argument("--runs", type=int, default=0, help="undisturbed runs (with --hog: the soak)")

@@ -15,7 +15,6 @@ start-up included, as a --warm-start retraining cycle would.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import time
 
 import numpy as np
+
+from trainer.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")
@@ -70,7 +71,7 @@ def reach(scores: dict[int, float], history: list[dict], target: float) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--data", default=os.environ.get("MNIST_DATA"), help="full MNIST (default: $MNIST_DATA)")
     parser.add_argument("--out", default="/tmp/warm-vs-cold", help="a scratch folder (emptied first)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each run")

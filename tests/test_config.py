@@ -1,5 +1,9 @@
+import ast
 import dataclasses
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -85,6 +89,22 @@ def test_every_command_prints_its_help(capsys):
             command(["--help"])
         assert exit_info.value.code == 0
         assert "--" in capsys.readouterr().out
+
+
+SCRIPTS = sorted(p for p in (pathlib.Path(__file__).parent.parent / "scripts").glob("*.py")
+                 if "__main__" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_prints_its_docstring_as_help_from_the_one_parser(script):
+    """Each script in scripts/ imports cleanly (no sys.path set-up: the project is installed) and
+    starts from cli.script_parser: --help shows the docstring as written, defaults not repeated."""
+    source = script.read_text()
+    assert "script_parser(__doc__)" in source and "ArgumentParser(" not in source
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    docstring = ast.get_docstring(ast.parse(source), clean=False).strip()
+    assert docstring.splitlines()[0] in done.stdout and "(default: None)" not in done.stdout
 
 
 def test_global_batch_is_fixed_unless_a_per_worker_batch_is_asked_for():

@@ -28,6 +28,23 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     return parser
 
 
+class _ScriptHelp(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written; a flag's default after its help, unless the help already says it
+    or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser every script in scripts/ starts from: its docstring as --help's description, as
+    written, and each flag's default shown."""
+    return argparse.ArgumentParser(description=doc.strip(), formatter_class=_ScriptHelp)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
