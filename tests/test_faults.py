@@ -23,7 +23,7 @@ from tests.conftest import start_job as start_any_job
 pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
 
 RECIPE = ["--data", str(SAMPLE), "--epochs", "5", "--batch-size", "32", "--seed", "0"]
-GROW_EPOCHS = 24  # see the grow test: long enough for Ray Train to notice a new node on a fast machine
+GROW_EPOCHS = 8  # the grow test: epochs left after the freeze at epoch 1, however fast the machine
 
 
 def start_job(*args):
@@ -351,20 +351,24 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_pa
 
 
 def test_elastic_run_grows_onto_a_new_node_without_spending_a_failure(tmp_path):
-    """--num-workers 2-3 on two 1-CPU nodes starts 2 workers; a third node joins during epoch 2.
-    Ray Train sees it within its resource view's 20 s refresh plus the resize interval, restarts
-    on 3 workers from the latest checkpoint, and --max-failures 0 still holds: growth is no failure.
-    The run must still be training 22 s after the node joins, on any machine: at batch 8 an epoch
-    takes about 3-4 s here, so GROW_EPOCHS leaves some 80 s here and still over 25 s on a machine
-    three times as fast."""
+    """--num-workers 2-3 on two 1-CPU nodes starts 2 workers; once epoch 1 is checkpointed, rank 1 is
+    frozen (SIGSTOP) and a third node joins. Ray Train sees the node within its resource view's 20 s
+    refresh plus the resize interval, and restarts on 3 workers from the latest checkpoint, well
+    inside the stall timeout (60 s), and --max-failures 0 still holds: growth is no failure. The
+    freeze keeps the run from finishing before Ray Train looks, however fast the machine."""
     with simulated_cluster(head_cpus=0, node_cpus=[1, 1]) as cluster:
         proc = start_any_job("--data", str(SAMPLE), "--epochs", str(GROW_EPOCHS), "--batch-size", "8", "--seed", "0",
                              "--address", cluster.address, "--num-workers", "2-3", "--resize-interval-s", "2",
                              "--max-failures", "0", "--run-name", "grow", "--storage-path", str(tmp_path / "runs"),
                              "--output", str(tmp_path / "out"))
-        wait_for_epoch(tmp_path / "runs" / "grow", 1, proc)
-        cluster.add_node(node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=1)
-        code, out, err = finish(proc)
+        frozen = worker_pid(wait_for_epoch(tmp_path / "runs" / "grow", 1, proc), rank=1)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            cluster.add_node(node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=1)
+            code, out, err = finish(proc)
+        finally:
+            if alive(frozen):  # Ray Train kills the old group when it resizes; never leave one stopped
+                os.kill(frozen, signal.SIGCONT)
     assert code == 0, err[-3000:]
     metrics = read_metrics(tmp_path / "out")
     restart = assert_each_epoch_once_with_a_restart(metrics)
