@@ -9,6 +9,7 @@ Parquet directory written by `write_parquet` (local path or a pyarrow URI like s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -114,12 +115,24 @@ def _table(x: np.ndarray, y: np.ndarray, start: int) -> pa.Table:
 
 
 def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
-    """Write both splits as Parquet shards plus manifest.json under `path`, atomically.
+    """Write both splits as Parquet shards plus manifest.json under `path`, atomically. Returns the
+    manifest (see write_shards)."""
+    def files(x, y):
+        return ((x[start:start + rows_per_file], y[start:start + rows_per_file]) for start in range(0, len(x), rows_per_file))
+    return write_shards(path, {split: (len(data.split(split)[0]), files(*data.split(split))) for split in SPLITS},
+                        rows_per_file)
+
+
+def write_shards(path: str, splits: dict, rows_per_file: int) -> dict:
+    """Write each split's (images, labels) pieces, one Parquet file each, plus manifest.json under
+    `path`, atomically. `splits` maps each of SPLITS to (rows, pieces): every piece rows_per_file rows
+    but the last. Only one piece is held at a time, and the content hash (mnist.content_hash's) is
+    taken as the pieces pass, keeping only the labels (a byte a row).
 
     On a local disk files go to a temporary sibling first, which is renamed into place at the end.
     Object stores (s3://, gs://) cannot rename a directory: there the manifest, written last, is
     the commit mark (readers require it). Either way a crash never leaves a directory with a
-    manifest but missing shards. Returns the manifest.
+    manifest but missing shards.
     """
     fs, root = filesystem(path)
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
@@ -128,24 +141,31 @@ def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
     tmp = temporary_sibling(root) if renames else root
     fs.create_dir(tmp, recursive=True)
     try:
-        manifest = {"format": FORMAT, "content_sha256": content_hash(data), "splits": {}}
-        shards, written = sum(-(-len(data.split(name)[0]) // rows_per_file) for name in SPLITS), 0  # ceil
+        digest, written_splits = hashlib.sha256(), {}
+        shards, written = sum(-(-rows // rows_per_file) for rows, _ in splits.values()), 0  # ceil
         for split in SPLITS:
-            x, y = data.split(split)
-            files = []
+            rows, pieces = splits[split]
+            digest.update(f"{split}:{rows}:".encode())
+            files, labels = [], []
             fs.create_dir(posixpath.join(tmp, split), recursive=True)
-            for i, start in enumerate(range(0, len(x), rows_per_file)):
-                stop = min(start + rows_per_file, len(x))
+            for i, (x, y) in enumerate(pieces):
+                start = i * rows_per_file
+                if len(x) != min(rows_per_file, rows - start) or len(y) != len(x):
+                    raise ValueError(f"{split} piece {i}: {len(x)} rows, expected {min(rows_per_file, rows - start)}")
                 file = f"{split}/part-{i:05d}.parquet"
-                pq.write_table(_table(x[start:stop], y[start:stop], start), posixpath.join(tmp, file),
-                               filesystem=fs)
-                files.append({"path": file, "rows": stop - start})
+                pq.write_table(_table(x, y, start), posixpath.join(tmp, file), filesystem=fs)
+                digest.update(np.ascontiguousarray(x).tobytes())
+                labels.append(np.asarray(y, dtype=np.uint8))
+                files.append({"path": file, "rows": len(x)})
                 written += 1
                 _progress(written, shards)
-            manifest["splits"][split] = {
-                "rows": len(x), "files": files,
-                "label_counts": np.bincount(y, minlength=10).tolist(),
-            }
+            y = np.concatenate(labels) if labels else np.zeros(0, np.uint8)
+            if len(y) != rows:
+                raise ValueError(f"{split}: {len(y)} rows written, expected {rows}")
+            digest.update(y.tobytes())
+            written_splits[split] = {"rows": rows, "files": files,
+                                     "label_counts": np.bincount(y, minlength=10).tolist()}
+        manifest = {"format": FORMAT, "content_sha256": digest.hexdigest(), "splits": written_splits}
         with fs.open_output_stream(posixpath.join(tmp, MANIFEST)) as f:
             f.write(json.dumps(manifest, indent=2).encode())
     except BaseException:  # a full disk, a lost mount, Ctrl-C: no half-written folder left behind
