@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = source.split("train")
         pieces = training_files(x, y, args.rows, args.rows_per_file, args.seed, args.processes)
         x_test, y_test = source.split("test")
-        test = ((x_test[s:s + args.rows_per_file], y_test[s:s + args.rows_per_file])
-                for s in range(0, len(x_test), args.rows_per_file))
+        test = data.pieces(x_test, y_test, args.rows_per_file)
         started = time.monotonic()
         manifest = data.write_shards(args.output, {"train": (args.rows, pieces), "test": (len(x_test), test)},
                                      args.rows_per_file)

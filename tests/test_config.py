@@ -1,12 +1,12 @@
 import ast
 import dataclasses
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import ROOT
 from trainer.cli import build_parser, config_from_args, main
 from trainer.config import Config, rank_batch, steps_per_epoch
 
@@ -91,7 +91,7 @@ def test_every_command_prints_its_help(capsys):
         assert "--" in capsys.readouterr().out
 
 
-SCRIPTS = sorted(p for p in (pathlib.Path(__file__).parent.parent / "scripts").glob("*.py")
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py")
                  if "__main__" in p.read_text())
 
 

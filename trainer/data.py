@@ -9,7 +9,6 @@ Parquet directory written by `write_parquet` (local path or a pyarrow URI like s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from trainer import errors
 from trainer.storage import filesystem, join
 from trainer.idx import load_idx_dir
-from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, DataError, Mnist, content_hash, validate
+from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, ContentHash, DataError, Mnist, content_hash, validate
 from trainer.outputs import temporary_sibling
 
 MANIFEST = "manifest.json"
@@ -117,16 +116,20 @@ def _table(x: np.ndarray, y: np.ndarray, start: int) -> pa.Table:
 def write_parquet(data: Mnist, path: str, rows_per_file: int = 10_000) -> dict:
     """Write both splits as Parquet shards plus manifest.json under `path`, atomically. Returns the
     manifest (see write_shards)."""
-    def files(x, y):
-        return ((x[start:start + rows_per_file], y[start:start + rows_per_file]) for start in range(0, len(x), rows_per_file))
-    return write_shards(path, {split: (len(data.split(split)[0]), files(*data.split(split))) for split in SPLITS},
+    splits = {split: data.split(split) for split in SPLITS}
+    return write_shards(path, {split: (len(x), pieces(x, y, rows_per_file)) for split, (x, y) in splits.items()},
                         rows_per_file)
+
+
+def pieces(x: np.ndarray, y: np.ndarray, rows_per_file: int):
+    """(images, labels) in order, rows_per_file rows each but the last: write_shards' pieces of arrays."""
+    return ((x[start:start + rows_per_file], y[start:start + rows_per_file]) for start in range(0, len(x), rows_per_file))
 
 
 def write_shards(path: str, splits: dict, rows_per_file: int) -> dict:
     """Write each split's (images, labels) pieces, one Parquet file each, plus manifest.json under
     `path`, atomically. `splits` maps each of SPLITS to (rows, pieces): every piece rows_per_file rows
-    but the last. Only one piece is held at a time, and the content hash (mnist.content_hash's) is
+    but the last. Only one piece is held at a time, and the content hash (mnist.ContentHash) is
     taken as the pieces pass, keeping only the labels (a byte a row).
 
     On a local disk files go to a temporary sibling first, which is renamed into place at the end.
@@ -141,11 +144,11 @@ def write_shards(path: str, splits: dict, rows_per_file: int) -> dict:
     tmp = temporary_sibling(root) if renames else root
     fs.create_dir(tmp, recursive=True)
     try:
-        digest, written_splits = hashlib.sha256(), {}
+        digest, written_splits = ContentHash(), {}
         shards, written = sum(-(-rows // rows_per_file) for rows, _ in splits.values()), 0  # ceil
         for split in SPLITS:
             rows, pieces = splits[split]
-            digest.update(f"{split}:{rows}:".encode())
+            digest.start(split, rows)
             files, labels = [], []
             fs.create_dir(posixpath.join(tmp, split), recursive=True)
             for i, (x, y) in enumerate(pieces):
@@ -154,7 +157,7 @@ def write_shards(path: str, splits: dict, rows_per_file: int) -> dict:
                     raise ValueError(f"{split} piece {i}: {len(x)} rows, expected {min(rows_per_file, rows - start)}")
                 file = f"{split}/part-{i:05d}.parquet"
                 pq.write_table(_table(x, y, start), posixpath.join(tmp, file), filesystem=fs)
-                digest.update(np.ascontiguousarray(x).tobytes())
+                digest.add(x)
                 labels.append(np.asarray(y, dtype=np.uint8))
                 files.append({"path": file, "rows": len(x)})
                 written += 1
@@ -162,7 +165,7 @@ def write_shards(path: str, splits: dict, rows_per_file: int) -> dict:
             y = np.concatenate(labels) if labels else np.zeros(0, np.uint8)
             if len(y) != rows:
                 raise ValueError(f"{split}: {len(y)} rows written, expected {rows}")
-            digest.update(y.tobytes())
+            digest.add(y)
             written_splits[split] = {"rows": rows, "files": files,
                                      "label_counts": np.bincount(y, minlength=10).tolist()}
         manifest = {"format": FORMAT, "content_sha256": digest.hexdigest(), "splits": written_splits}

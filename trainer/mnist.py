@@ -60,12 +60,29 @@ def label_problem(labels: np.ndarray, what: str = "labels") -> str | None:
     return None
 
 
+class ContentHash:
+    """content_hash taken piece by piece, for data that is never whole in memory: for each split in
+    SPLITS order, start(split, rows), its images in row order (any pieces), then all its labels."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def start(self, split: str, rows: int) -> None:
+        self._sha.update(f"{split}:{rows}:".encode())
+
+    def add(self, array: np.ndarray) -> None:
+        self._sha.update(np.ascontiguousarray(array).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 def content_hash(data: Mnist) -> str:
     """sha256 over both splits' labels and pixels: the data's identity across formats."""
-    h = hashlib.sha256()
+    digest = ContentHash()
     for split in SPLITS:
         x, y = data.split(split)
-        h.update(f"{split}:{len(x)}:".encode())
-        h.update(np.ascontiguousarray(x).tobytes())
-        h.update(np.ascontiguousarray(y).tobytes())
-    return h.hexdigest()
+        digest.start(split, len(x))
+        digest.add(x)
+        digest.add(y)
+    return digest.hexdigest()
