@@ -49,6 +49,7 @@ def test_unknown_keys_are_rejected():
     ({"use_gpu": 1}, "use_gpu must be a bool"),
     ({"keep_checkpoints": 0}, "keep_checkpoints must be at least 1"),
     ({"cpus_per_worker": 0}, "cpus_per_worker must be at least 1"),
+    ({"data_path": "disk"}, "unknown data_path 'disk'; choose one of auto, memory, stream"),
 ])
 def test_invalid_settings_raise_one_line_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -105,6 +106,14 @@ def test_every_script_prints_its_docstring_as_help_from_the_one_parser(script):
     assert done.returncode == 0, done.stderr[-2000:]
     docstring = ast.get_docstring(ast.parse(source), clean=False).strip()
     assert docstring.splitlines()[0] in done.stdout and "(default: None)" not in done.stdout
+
+
+def test_the_data_path_is_picked_by_size_unless_forced():
+    from trainer.config import STREAM_ABOVE_ROWS
+
+    assert not Config().streams(60_000) and not Config().streams(STREAM_ABOVE_ROWS)
+    assert Config().streams(STREAM_ABOVE_ROWS + 1) and Config(data_path="stream").streams(3000)
+    assert not Config(data_path="memory").streams(8_100_000)
 
 
 def test_global_batch_is_fixed_unless_a_per_worker_batch_is_asked_for():

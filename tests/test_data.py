@@ -227,7 +227,7 @@ def test_the_prepare_step_checks_and_plans_a_run_without_ray(tmp_path):
     from trainer.config import Config
 
     plan = driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), run_name="r"))
-    assert plan.train_rows == 3000 and len(plan.mnist.y_test) == 1000
+    assert plan.train_rows == 3000 and len(plan.test[1]) == 1000 and not plan.streaming
     assert plan.run_dir == str(tmp_path / "out" / "ray_results" / "r") and data.is_parquet_dir(plan.parquet_dir)
     with pytest.raises(ValueError, match="3000 training rows split over 2 workers is less than one batch of 2048"):
         driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), batch_size=4096))

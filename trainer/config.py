@@ -30,6 +30,8 @@ FIELD_TYPES = {"int": (int, False), "float": (float, False), "bool": (bool, Fals
                "int | None": (int, True), "float | None": (float, True), "str | None": (str, True),
                "int | tuple[int, int]": (parse_workers, False)}
 INSTANCE_OF = {float: (int, float), parse_workers: (int, tuple)}  # what a parsed value may be, where not its parser
+DATA_PATHS = ("auto", "memory", "stream")
+STREAM_ABOVE_ROWS = 250_000  # --data-path auto streams past this many training rows (docs/performance.md)
 BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning rate's reference
 TENSORBOARD_SCHEMES = ("file", "gs")  # what tf.summary can write to in a stock TensorFlow
 
@@ -57,6 +59,11 @@ class Config:
         None, "MNIST source: a Keras .npz, a directory of IDX files (.gz or raw), or a Parquet "
         "directory this project wrote (a local path or a URI such as s3://bucket/mnist-parquet) "
         "(default: $MNIST_DATA, else the keras.datasets download)")
+    data_path: str = _opt(
+        "auto", "how workers get the training rows: memory (the driver hands Ray Data the split, each "
+        "worker keeps its shard), stream (each worker reads its share from the Parquet files every "
+        "epoch, a shuffle buffer at a time: memory stays flat as the data grows; see trainer/stream.py), "
+        f"or auto: memory up to {STREAM_ABOVE_ROWS:,} training rows, stream above", choices=DATA_PATHS)
     output: str = _opt("models", "local directory for mnist.keras, mnist.h5, metrics.json, "
                        "evaluation.json and the plots")
     storage_path: str | None = _opt(
@@ -143,6 +150,10 @@ class Config:
             raise ValueError(problems[0])
         if self.tensorboard_dir and "://" not in self.tensorboard_dir:  # Ray Train runs workers elsewhere
             object.__setattr__(self, "tensorboard_dir", os.path.abspath(self.tensorboard_dir))
+
+    def streams(self, train_rows: int) -> bool:
+        """Whether the workers stream a training split of `train_rows` rows (--data-path)."""
+        return self.data_path == "stream" or (self.data_path == "auto" and train_rows > STREAM_ABOVE_ROWS)
 
     @property
     def elastic(self) -> bool:
@@ -234,6 +245,8 @@ def _problems(cfg: Config):
         yield f"--init-from {cfg.init_from} reads a model store: give --store DIR too"
     if cfg.init_optimizer and not cfg.init_from:
         yield "--init-optimizer loads the optimizer state of the --init-from model: give --init-from too"
+    if cfg.data_path not in DATA_PATHS:
+        yield f"unknown data_path {cfg.data_path!r}; choose one of {', '.join(DATA_PATHS)}"
     if cfg.model not in MODELS:
         yield f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}"
     if cfg.cpus_per_worker < 1:

@@ -245,14 +245,16 @@ def images_from_column(values) -> np.ndarray:
     return flat.reshape(len(values), *IMAGE_SHAPE)
 
 
-def prepare(source: str | None, cache_root: str) -> tuple[str, Mnist, dict]:
+def prepare(source: str | None, cache_root: str, whole: bool = True) -> tuple[str, Mnist | None, dict]:
     """Load any source; return (Parquet directory, arrays, manifest), writing shards once per content.
 
-    A Parquet source is used in place. Any other source is written under
-    `cache_root/<content hash>`, and reused by every later run on the same data.
+    A Parquet source is used in place: read whole and checked against its content hash, or, with
+    whole=False, not read at all (arrays None: the streaming path's driver reads only the manifest).
+    Any other source is read whole and written under `cache_root/<content hash>`, and reused by
+    every later run on the same data.
     """
     if source is not None and is_parquet_dir(source):
-        return source, load_parquet(source), read_manifest(source)
+        return source, load_parquet(source) if whole else None, read_manifest(source)
     data = load(source)
     digest = content_hash(data)
     target = join(cache_root, f"mnist-{digest[:16]}")

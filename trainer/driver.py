@@ -1,6 +1,7 @@
 """The driver: prepare data, start or join Ray, launch Ray Train, evaluate and save the model.
 
     source -> data.prepare (Parquet shards, once) -> pyarrow tables -> ray.data.from_arrow
+    (or, past --data-path's size, only the manifest: each worker streams its share, trainer/stream.py)
     -> DataParallelTrainer (trainer/backend.py, trainer/worker.py) -> final checkpoint
     -> evaluate on the 10,000 test images -> mnist.keras, mnist.h5, metrics.json
 
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 from trainer import checkpoint, cluster, data, elastic, errors, failures, quiet, storage, timeline
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
-from trainer.mnist import Mnist
 from trainer.outputs import MODEL_FILES, copy_published, save_model_atomic, write_json_atomic
 
 DATA_DIR = "_prepared_data"  # under the storage path, beside the runs
@@ -40,8 +40,9 @@ class Plan:
     storage_path: str
     run_name: str
     parquet_dir: str
-    mnist: Mnist
+    test: tuple  # (images, labels) of the test split: all the rows the driver holds
     manifest: dict
+    streaming: bool  # the workers stream the training rows (--data-path)
     places: dict  # "output" and "storage": storage.Place, or None for an object store's URI
     start: object = None  # trainer.warm's weights for --init-from, if given
 
@@ -103,14 +104,22 @@ def prepare(cfg: Config) -> Plan:
     places = {"output": storage.Place.check("--output", cfg.output),
               "storage": storage.Place.check("--storage-path", storage_path) if storage.local(storage_path) else None}
     with storage.writing(places["storage"], "writing the prepared data"):
-        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), storage.join(storage_path, DATA_DIR))
-    plan = Plan(storage_path, cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S"), parquet_dir, mnist, manifest,
-                places, start)
+        parquet_dir, mnist, manifest = data.prepare(data.resolve_source(cfg.data), storage.join(storage_path, DATA_DIR),
+                                                    whole=False)
+    streaming = cfg.streams(manifest["splits"]["train"]["rows"])
+    if mnist is None and not streaming:  # a Parquet source for the in-memory path: read and hash-checked
+        mnist = data.load_parquet(parquet_dir)
+    test = mnist.split("test") if mnist else data.read_parquet_split(parquet_dir, "test", manifest)
+    if storage.local(parquet_dir):  # the workers' working directory is not ours
+        parquet_dir = os.path.abspath(parquet_dir)
+    plan = Plan(storage_path, cfg.run_name or time.strftime("mnist-%Y%m%d-%H%M%S"), parquet_dir, test, manifest,
+                streaming, places, start)
     if steps_per_epoch(plan.train_rows // cfg.max_workers, cfg.batch_size, cfg.max_workers) < 1:
         raise ValueError(f"{plan.train_rows} training rows split over {cfg.max_workers} workers is less than one "
                          f"batch of {rank_batch(cfg.batch_size, cfg.max_workers, 0)} per worker; use a smaller --batch-size")
     print(f"data: {parquet_dir} ({plan.train_rows} train / {manifest['splits']['test']['rows']} test rows, "
-          f"sha256 {manifest['content_sha256'][:12]})", flush=True)
+          f"sha256 {manifest['content_sha256'][:12]}); " + ("each worker streams its share from the files" if streaming
+          else "in memory, the shards handed over by Ray Data") + f" (--data-path {cfg.data_path})", flush=True)
     return plan
 
 
@@ -123,7 +132,7 @@ def evaluate(cfg: Config, plan: Plan, final) -> tuple:
     with final.as_directory() as directory:
         model, meta = _restore_model(cfg, directory, plan.train_rows)
         workers = checkpoint.read_worker_info(directory)
-    test_loss, test_accuracy, probs = score(model, plan.mnist.x_test, plan.mnist.y_test)
+    test_loss, test_accuracy, probs = score(model, *plan.test)
     metrics = {
         "test_accuracy": test_accuracy, "test_loss": test_loss, "num_workers": cfg.num_workers,
         "epochs": meta["history"], "config": cfg.to_dict(),
@@ -131,7 +140,7 @@ def evaluate(cfg: Config, plan: Plan, final) -> tuple:
         "init": plan.start.describe() if plan.start else None,
         "world_sizes": [h.get("world_size") for h in meta["history"]], "resizes": elastic.resizes(meta["history"]),
         "data": {"path": plan.parquet_dir, "content_sha256": plan.manifest["content_sha256"],
-                 "train_rows": plan.train_rows},
+                 "train_rows": plan.train_rows, "streamed": plan.streaming},
         "run": {"name": plan.run_name, "storage_path": plan.storage_path, "checkpoint": final.path},
         "restarts": failures.read_records(storage.join(plan.run_dir, failures.RECORD)),
     }
@@ -145,11 +154,11 @@ def publish(cfg: Config, plan: Plan, model, metrics: dict, probs, marks: dict, w
     naming it; each file is the old one or the new one. Returns where the copies went."""
     from trainer import export, report
 
-    evaluation = report.evaluation_report(plan.mnist.y_test, probs)
+    evaluation = report.evaluation_report(plan.test[1], probs)
     for place in filter(None, plan.places.values()):
         place.unchanged()
     with storage.writing(plan.places["output"], "writing the model and reports"):
-        _write_local_outputs(cfg, model, metrics, plan.mnist, probs, evaluation, marks, worker_marks)
+        _write_local_outputs(cfg, model, metrics, plan.test, probs, evaluation, marks, worker_marks)
     published = storage.join(plan.run_dir, PUBLISHED)
     names = [*MODEL_FILES, *report.FILES] + ([export.DIRECTORY] if cfg.export_savedmodel else [])
     with storage.writing(plan.places["storage"], f"publishing the outputs to {published}"):
@@ -158,7 +167,7 @@ def publish(cfg: Config, plan: Plan, model, metrics: dict, probs, marks: dict, w
     return published
 
 
-def _write_local_outputs(cfg: Config, model, metrics: dict, mnist, probs, evaluation: dict, marks: dict,
+def _write_local_outputs(cfg: Config, model, metrics: dict, test: tuple, probs, evaluation: dict, marks: dict,
                          worker_marks: list[dict]) -> None:
     from trainer import export, report
 
@@ -166,11 +175,12 @@ def _write_local_outputs(cfg: Config, model, metrics: dict, mnist, probs, evalua
         save_model_atomic(model, os.path.join(cfg.output, name))
     if cfg.export_savedmodel:
         metrics["savedmodel"] = export.export_savedmodel(model, os.path.join(cfg.output, export.DIRECTORY))
-    metrics["report"] = report.write_all(cfg.output, mnist.x_test, mnist.y_test, probs, evaluation,
+    metrics["report"] = report.write_all(cfg.output, *test, probs, evaluation,
                                          metrics["epochs"])
     marks["outputs_written"] = time.time()
     metrics["timeline"] = timeline.merge(marks, worker_marks)
     metrics["wall_seconds"] = metrics["timeline"]["outputs_written"]
+    metrics["driver_peak_rss_mb"] = timeline.peak_rss_mb()
     write_json_atomic(os.path.join(cfg.output, "metrics.json"), metrics)
 
 
@@ -222,13 +232,16 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict):
     trainer = trainer_class(local=not cluster.address(cfg))(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "train_rows": plan.train_rows, "launch": uuid.uuid4().hex[:8],
-                           "init": start and {"weights": start.weights, "slots": start.slots}},
+                           "init": start and {"weights": start.weights, "slots": start.slots},
+                           "stream": plan.streaming and {"path": plan.parquet_dir,
+                                                         "files": plan.manifest["splits"]["train"]["files"]}},
         backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
-        datasets={"train": ray.data.from_arrow(data.read_parquet_tables(plan.parquet_dir, "train"))},  # a block a file
+        datasets=None if plan.streaming else  # a block a file:
+        {"train": ray.data.from_arrow(data.read_parquet_tables(plan.parquet_dir, "train"))},
         # preserve_order: blocks reach the split in file order and go to the emptiest worker, so the
         # same seed gives the same shards and the same run (locality-based dispatch varies run to run).
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),

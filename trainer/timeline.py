@@ -7,6 +7,7 @@ and `scripts/benchmark.py` prints it, so a start-up regression shows up as one p
 
 from __future__ import annotations
 
+import resource
 import time
 
 import psutil
@@ -27,6 +28,11 @@ def process_start_time(pid: int | None = None) -> float:
     if hasattr(time, "CLOCK_BOOTTIME"):  # Linux: psutil adds the start to a boot time in whole seconds
         return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - (started - psutil.boot_time()))
     return started
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def merge(driver: dict[str, float], workers: list[dict]) -> dict[str, float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import resource
 import sys
 import tempfile
 import threading
@@ -26,13 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray.train
 
-from trainer import checkpoint, quiet, tf_internals, warm
+from trainer import checkpoint, quiet, stream, tf_internals, warm
 from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.data import images_from_column
 from trainer.elastic import resizes
 from trainer.failures import WorkerFailure, summarize
 from trainer.tensorboard import EpochWriter  # imports TensorFlow only when a writer is made
-from trainer.timeline import process_start_time
+from trainer.timeline import peak_rss_mb, process_start_time
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -52,14 +51,16 @@ def _train(cfg: Config, loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     marks = {"worker_started": process_start_time(), "loop_started": time.time()}
-    with ThreadPoolExecutor(1) as pool:  # Ray Data streams the shard while TensorFlow imports
-        reading = pool.submit(read_shard, ray.train.get_dataset_shard("train"))
+    streamed = loop_config.get("stream")  # the streaming path's Parquet files; else Ray Data's shard
+    shard = None if streamed else ray.train.get_dataset_shard("train")
+    with ThreadPoolExecutor(1) as pool:  # the shard is read (or planned) while TensorFlow imports
+        opening = pool.submit(open_share, cfg, streamed or shard, world, rank)
         tf, strategy, internals = start_tensorflow(cfg)
         marks["tensorflow_imported"] = time.time()
-        images, labels, index = reading.result()
+        index, epoch_data = opening.result()
     marks["shard_in_memory"] = time.time()
     # The global batch is the same at every world size; this rank's share, and the steps all ranks run:
-    batch, steps = rank_batch(cfg.batch_size, world, rank), steps_per_epoch(len(images), cfg.batch_size, world)
+    batch, steps = rank_batch(cfg.batch_size, world, rank), steps_per_epoch(len(index), cfg.batch_size, world)
     model = build(strategy, cfg, steps)
     if loop_config.get("init"):  # --init-from: a trained model's weights; a checkpoint, if any, overrides
         warm.apply(model, **loop_config["init"])
@@ -76,8 +77,8 @@ def _train(cfg: Config, loop_config: dict) -> None:
                 "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
         marks["collectives_ready"] = time.time()
         for epoch in range(epochs_done, cfg.epochs):
-            record = run_epoch(tf, cfg, train_steps, all_reduce_sum, images, labels, batch, steps,
-                               seed=(cfg.seed, rank, epoch), progress=watchdog.beat)
+            with epoch_data(batch, steps, seed=(cfg.seed, rank, epoch)) as chunks:
+                record = run_epoch(train_steps, all_reduce_sum, chunks, batch, steps, progress=watchdog.beat)
             record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0, world_size=world,
                           launch=loop_config["launch"],
                           learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)),
@@ -90,7 +91,7 @@ def _train(cfg: Config, loop_config: dict) -> None:
             if rank == 0:
                 _announce(record, cfg.epochs, history, board, model)
             with watchdog.paused():  # a slow checkpoint upload is no stall of a peer
-                _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": _peak_rss_mb()}, rank)
+                _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": peak_rss_mb()}, rank)
     finally:
         watchdog.stop()
         if board:
@@ -163,6 +164,29 @@ def build(strategy, cfg: Config, steps: int):
     return model
 
 
+def open_share(cfg: Config, source, world: int, rank: int):
+    """This worker's data: (its rows' indices in the split, epoch_data(batch, steps, seed): a context
+    manager giving one epoch's (steps, batch) chunks, at most --steps-per-call steps each).
+    `source` is Ray Data's shard (the in-memory path: read once, kept) or the streaming path's
+    {"path", "files"} (trainer/stream.py: read every epoch, a shuffle buffer at a time)."""
+    if not isinstance(source, dict):
+        images, labels, index = read_shard(source)
+        return index, lambda batch, steps, seed: contextlib.nullcontext(
+            chunked(images, labels, batch, seed, steps, cfg.steps_per_call))
+    segments = stream.plan_share([f["rows"] for f in source["files"]], world, rank)
+    read = stream.ShareReader(source["path"], source["files"])
+    return stream.share_index(segments), lambda batch, steps, seed: stream.Prefetch(
+        stream.epoch_chunks(read, segments, batch, steps, cfg.steps_per_call, seed))
+
+
+def chunked(images, labels, batch: int, seed: tuple, steps: int, steps_per_call: int):
+    """epoch_batches' arrays, made when the epoch starts (its clock includes the shuffle), in chunks
+    of at most steps_per_call steps (views)."""
+    xs, ys = epoch_batches(images, labels, batch, seed, steps)
+    for i in range(0, len(xs), steps_per_call):
+        yield xs[i:i + steps_per_call], ys[i:i + steps_per_call]
+
+
 def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Materialize this worker's Ray Data shard once, in memory: (images, labels, row indices)."""
     parts = list(shard.iter_batches(batch_size=10_000, batch_format="numpy"))
@@ -174,17 +198,14 @@ def read_shard(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, index
 
 
-def run_epoch(tf, cfg: Config, train_steps, all_reduce_sum, images, labels, batch: int, steps: int,
-              seed: tuple, progress=lambda: None) -> dict:
-    """One pass over this worker's shard; loss, accuracy and examples summed over every worker, and
-    the global batch (the ranks' batches summed) that each of the epoch's `steps` steps used.
-    `progress` is called after each training call (the watchdog's beat)."""
+def run_epoch(train_steps, all_reduce_sum, chunks, batch: int, steps: int, progress=lambda: None) -> dict:
+    """One pass over this worker's `chunks` (open_share's); loss, accuracy and examples summed over
+    every worker, and the global batch (the ranks' batches summed) that each of the epoch's `steps`
+    steps used. `progress` is called after each training call (the watchdog's beat)."""
     started, first_step = time.perf_counter(), time.time()
-    xs, ys = epoch_batches(images, labels, batch, seed, steps)
     totals = np.zeros(4)  # loss sum, correct, examples on this worker; then its batch
-    for start in range(0, len(xs), cfg.steps_per_call):
-        chunk = slice(start, start + cfg.steps_per_call)
-        totals[:3] += [t.numpy() for t in train_steps(xs[chunk], ys[chunk])]
+    for xs, ys in chunks:
+        totals[:3] += [t.numpy() for t in train_steps(xs, ys)]
         progress()
     totals[3] = batch
     loss_sum, correct, seen, global_batch = all_reduce_sum(totals)
@@ -283,10 +304,6 @@ def _announce(record: dict, epochs: int, history: list[dict], board, model) -> N
     sys.stdout.flush()
     if board:
         board.write(record, model.optimizer)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def progress_line(record: dict, epochs: int, history: list[dict]) -> str:
