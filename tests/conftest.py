@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,39 @@ def assert_each_step_used_the_global_batch(metrics: dict, train_rows: int) -> No
     for epoch in metrics["epochs"]:
         assert epoch["global_batch"] == batch and epoch["examples"] == epoch["steps"] * batch, epoch
         assert epoch["global_rows_seen"] == train_rows and epoch["global_rows_duplicated"] == 0, epoch
+
+
+def wait_for_epoch(run_dir, epochs_done, proc, timeout=300) -> str:
+    """The checkpoint folder of the first epoch >= `epochs_done` that Ray Train has registered, read
+    from the snapshot its checkpoint manager keeps in storage (a checkpoint folder alone may not
+    be registered yet: a fault then would rightly restart from the one before)."""
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before the fault could be injected"
+        try:
+            with open(snapshot) as f:
+                latest = json.load(f)["latest_checkpoint_result"]
+            if latest and latest["metrics"]["epoch"] >= epochs_done:
+                return os.path.join(run_dir, latest["checkpoint_dir_name"])
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or being replaced
+        time.sleep(0.05)
+    raise TimeoutError(f"no registered checkpoint with {epochs_done} epochs in {run_dir}")
+
+
+def worker_pid(checkpoint_dir, rank):
+    """The training worker's pid, as its actor reported it (never found by process name)."""
+    with open(os.path.join(checkpoint_dir, "workers", f"rank-{rank}.json")) as f:
+        return json.load(f)["pid"]
+
+
+def assert_each_epoch_once_with_a_restart(metrics):
+    epochs = metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(1, metrics["config"]["epochs"] + 1))
+    restarts = [e["epoch"] for e in epochs if e["restarted"]]
+    assert len(restarts) == 1 and restarts[0] >= 2  # resumed from a checkpoint, not from epoch 0
+    return restarts[0]
 
 
 def gpu_count() -> int:

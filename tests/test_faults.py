@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from tests.conftest import SAMPLE, assert_each_step_used_the_global_batch, read_metrics, run_job, simulated_cluster
+from tests.conftest import (SAMPLE, assert_each_epoch_once_with_a_restart, assert_each_step_used_the_global_batch,
+                            read_metrics, run_job, simulated_cluster, wait_for_epoch, worker_pid)
 from trainer.elastic import GREW, RERUN, SHRANK
 from tests.conftest import start_job as start_any_job
 
@@ -33,31 +34,6 @@ def start_job(*args):
 def finish(proc, timeout=420):
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
-
-
-def wait_for_epoch(run_dir, epochs_done, proc, timeout=300) -> str:
-    """The checkpoint folder of the first epoch >= `epochs_done` that Ray Train has registered, read
-    from the snapshot its checkpoint manager keeps in storage (a checkpoint folder alone may not
-    be registered yet: a fault then would rightly restart from the one before)."""
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the job ended before the fault could be injected"
-        try:
-            with open(snapshot) as f:
-                latest = json.load(f)["latest_checkpoint_result"]
-            if latest and latest["metrics"]["epoch"] >= epochs_done:
-                return os.path.join(run_dir, latest["checkpoint_dir_name"])
-        except (OSError, ValueError, KeyError):
-            pass  # not written yet, or being replaced
-        time.sleep(0.05)
-    raise TimeoutError(f"no registered checkpoint with {epochs_done} epochs in {run_dir}")
-
-
-def worker_pid(checkpoint_dir, rank):
-    """The training worker's pid, as its actor reported it (never found by process name)."""
-    with open(os.path.join(checkpoint_dir, "workers", f"rank-{rank}.json")) as f:
-        return json.load(f)["pid"]
 
 
 def alive(pid):
@@ -79,14 +55,6 @@ def undisturbed(tmp_path_factory):
 def epoch_lines(console: str) -> str:
     """The job's epoch and resize lines, for the README (shown with -s)."""
     return "".join(line + "\n" for line in console.splitlines() if line.startswith(("epoch ", "resized ")))
-
-
-def assert_each_epoch_once_with_a_restart(metrics):
-    epochs = metrics["epochs"]
-    assert [e["epoch"] for e in epochs] == list(range(1, metrics["config"]["epochs"] + 1))
-    restarts = [e["epoch"] for e in epochs if e["restarted"]]
-    assert len(restarts) == 1 and restarts[0] >= 2  # resumed from a checkpoint, not from epoch 0
-    return restarts[0]
 
 
 def restart_lines(console: str) -> list[str]:
