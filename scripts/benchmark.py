@@ -7,6 +7,8 @@ Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for 
   a  scripts/plain_keras.py: the tutorial, model.fit in one process
   b  jobs/train_mnist.py, 1 worker given every core (as plain Keras has), global batch 128
   c  2 workers, global batch 128
+  cs the same, each worker streaming its share from the Parquet files (--data-path stream; not a
+     default run: `--runs a,c,cs` sets the streaming path beside the in-memory one)
   d  2 workers, global batch 512 and 1024, learning rate scaled linearly with 1 epoch of warm-up
   s  the default job (2 workers) submitted with `ray job submit` to a cluster started beforehand
      (scripts/start_cluster.sh, not timed): start counts from the submit command
@@ -47,6 +49,7 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
     "a": ("plain Keras, 1 process", 1, None),
     "b": (f"job, 1 worker ({CORES} CPUs), batch 128", 1, ("--num-workers", "1", "--cpus-per-worker", str(CORES))),
     "c": ("job, 2 workers, batch 128", 2, ("--num-workers", "2")),
+    "cs": ("job, 2 workers, batch 128, streamed", 2, ("--num-workers", "2", "--data-path", "stream")),
     "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),
     "d1024": ("job, 2 workers, batch 1024", 2, ("--num-workers", "2", "--batch-size", "1024", *SCALED)),
     "s": ("job submitted to a running cluster, 2 workers", 2, ("--num-workers", "2")),
