@@ -25,9 +25,9 @@ from trainer.elastic import RERUN, SHRANK
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# Peak RSS at 600,000 rows, 2 workers, 1 epoch, 2-core machine: the streaming path measured
-# 989 MB (driver) and 1,170 MB (worker); the in-memory path (--data-path memory) holds the split in
-# the driver twice and each worker's shard twice, about 2,900 and 1,850 MB (docs/performance.md).
+# Peak RSS at 600,000 rows, 2 workers, 1 epoch, 2 cores (scripts/data_growth.py): the streaming
+# path measured 895 MB (driver) and 1,040 MB (worker); the in-memory path (--data-path memory), which
+# holds the split in the driver twice and each worker's shard twice, 2,509 and 1,824 MB.
 DRIVER_MB, WORKER_MB = 1500, 1600
 SMALL = ["--batch-size", "512", "--lr-scaling", "linear", "--stall-timeout-s", "30"]
 
