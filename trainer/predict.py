@@ -94,6 +94,11 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"cannot read ({exc.strerror or exc})") from None
     if not raw:
         raise ValueError("empty file")
+    return decode_image(raw)
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    """A PNG or JPEG's bytes, decoded fully; ValueError with a one-line reason."""
     try:
         image = Image.open(io.BytesIO(raw))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
