@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.policy import PASSED
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "mnist_sample.npz"  # 3,000 train + 1,000 test real MNIST digits
 JOB = ROOT / "jobs" / "train_mnist.py"
@@ -120,6 +122,33 @@ def assert_each_epoch_once_with_a_restart(metrics):
     restarts = [e["epoch"] for e in epochs if e["restarted"]]
     assert len(restarts) == 1 and restarts[0] >= 2  # resumed from a checkpoint, not from epoch 0
     return restarts[0]
+
+
+def add_version(store, decision: str = PASSED, accuracy: float = 0.98,
+                data_sha256: str = "a" * 64, model=None, when=None,
+                config: dict | None = None, parent: str | None = None) -> str:
+    """Register a version in a trainer.store.Store as retrain does; dummy model files unless a Keras
+    model is given. A passed version is promoted."""
+    from trainer.outputs import save_model_atomic
+    from trainer.policy import iso, new_version_id, utc_now
+
+    vid = new_version_id(when)
+    staging = store.new_staging(vid)
+    if model is not None:
+        save_model_atomic(model, os.path.join(staging, "mnist.keras"))
+        save_model_atomic(model, os.path.join(staging, "mnist.h5"))
+    else:
+        for name in ("mnist.keras", "mnist.h5"):
+            with open(os.path.join(staging, name), "w") as f:
+                f.write("not a model")
+    with open(os.path.join(staging, "metrics.json"), "w") as f:
+        json.dump({"test_accuracy": accuracy}, f)
+    store.register(vid, {"version": vid, "decision": decision, "reason": f"{decision} on purpose",
+                         "test_accuracy": accuracy, "started": iso(when or utc_now()),
+                         "data": {"content_sha256": data_sha256}, "config": config or {}, "parent": parent})
+    if decision == PASSED:
+        store.promote(vid)
+    return vid
 
 
 def gpu_count() -> int:

@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, add_version
 from trainer import lock as lock_module, retrain
 from trainer.lock import LockHeld
-from trainer.policy import FAILED, PASSED, REFUSED, REJECTED, fingerprint, iso, new_version_id, status_of, utc_now
+from trainer.policy import FAILED, REFUSED, REJECTED, fingerprint, new_version_id, status_of
 from trainer.store import RUNS, Store, StoreError
 
 # A child that takes the lock and holds it until its stdin closes (or it is killed).
@@ -48,30 +48,6 @@ except LockHeld:
 def child(script: str, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-
-
-def add_version(store: Store, decision: str = PASSED, accuracy: float = 0.98,
-                data_sha256: str = "a" * 64, model=None, when: datetime | None = None,
-                config: dict | None = None, parent: str | None = None) -> str:
-    """Register a version as retrain does; dummy model files unless a Keras model is given."""
-    vid = new_version_id(when)
-    staging = store.new_staging(vid)
-    if model is not None:
-        from trainer.outputs import save_model_atomic
-        save_model_atomic(model, os.path.join(staging, "mnist.keras"))
-        save_model_atomic(model, os.path.join(staging, "mnist.h5"))
-    else:
-        for name in ("mnist.keras", "mnist.h5"):
-            with open(os.path.join(staging, name), "w") as f:
-                f.write("not a model")
-    with open(os.path.join(staging, "metrics.json"), "w") as f:
-        json.dump({"test_accuracy": accuracy}, f)
-    store.register(vid, {"version": vid, "decision": decision, "reason": f"{decision} on purpose",
-                         "test_accuracy": accuracy, "started": iso(when or utc_now()),
-                         "data": {"content_sha256": data_sha256}, "config": config or {}, "parent": parent})
-    if decision == PASSED:
-        store.promote(vid)
-    return vid
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLE, read_metrics, run_job
-from tests.test_store import add_version
+from tests.conftest import SAMPLE, add_version, read_metrics, run_job
 from trainer import warm
 from trainer.config import Config
 from trainer.model import build_model, evaluate, preprocess
