@@ -30,7 +30,8 @@ DOCKERFILE, DOCKERIGNORE = ROOT / "Dockerfile", ROOT / ".dockerignore"
 
 @functools.cache
 def crd_schema(kind: str) -> dict:
-    name = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz"}[kind]
+    name = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz",
+            "RayService": "ray.io_rayservices.yaml.gz"}[kind]
     if not (CRDS / name).exists():
         if CRDS.parent.is_dir():  # the team's shared/ is here (as in CI): a missing schema is a failure
             pytest.fail(f"{CRDS / name} is missing from the team's shared folder; the manifests cannot be checked")
@@ -169,7 +170,7 @@ def test_the_image_is_ray_260_on_python_311_with_the_projects_pins_and_no_data()
     text = DOCKERFILE.read_text()
     pins = dict(re.match(r"([\w\[\],.-]+)==([\w.]+)", d).groups() for d in project()["dependencies"] if "==" in d)
     base = re.search(r"^FROM rayproject/ray:([\d.]+)-py(\d)(\d+)-\$\{VARIANT\}$", text, re.MULTILINE)
-    assert base and base.group(1) == pins["ray[default,train]"]
+    assert base and base.group(1) == next(v for k, v in pins.items() if k.startswith("ray["))
     assert f"{base.group(2)}.{base.group(3)}" in project()["requires-python"].replace(">=", "")
     assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE) and '"$VARIANT" = gpu' in text
     assert f'"tensorflow[and-cuda]=={pins["tensorflow"]}"' in text  # the GPU variant, at the same pin
@@ -181,3 +182,33 @@ def test_the_image_is_ray_260_on_python_311_with_the_projects_pins_and_no_data()
     ignored = DOCKERIGNORE.read_text().split()
     assert {".git/", ".venv/", "models/", "ray_results/", "data/", "tests/", "*.npz", "*.parquet",
             "*.keras", "*.h5", "**/auth_token"} <= set(ignored)
+
+
+def test_the_rayservice_passes_kuberays_crd_schema_and_serves_the_cronjobs_store():
+    """jobs/rayservice.yaml: strict schema checks as for the jobs; its application builds with its
+    args; it reads the store the RayCronJob promotes into, from the same volume claim."""
+    from ray.serve import Application
+
+    from trainer import serve
+
+    doc = load("jobs/rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    assert problems(doc, "RayService") == []
+    unknown, wrong_type = copy.deepcopy(doc), copy.deepcopy(doc)
+    unknown["spec"]["serveConfig"] = {}  # the v1alpha1 field, gone from v1
+    assert problems(unknown, "RayService") == [".spec.serveConfig: unknown field"]
+    wrong_type["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    assert any("'two' is not of type 'integer'" in p for p in problems(wrong_type, "RayService"))
+    (application,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "trainer.serve:build" and application["route_prefix"] == "/"
+    assert isinstance(serve.build(application["args"]), Application)
+    with pytest.raises(ValueError, match="give store or model"):
+        serve.build({"store": "/s", "model": "/m"})
+    cron = retrain.build_parser().parse_args(shlex.split(job_spec("jobs/raycronjob.yaml")["entrypoint"])[5:])
+    assert application["args"]["store"] == cron.store
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in doc["spec"]["rayClusterConfig"]["headGroupSpec"]
+              ["template"]["spec"]["volumes"]}
+    assert claims == {v["persistentVolumeClaim"]["claimName"] for v in
+                      job_spec("jobs/raycronjob.yaml")["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"] for g in workers) >= int(application["args"]["replicas"])
