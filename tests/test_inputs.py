@@ -43,6 +43,14 @@ def test_an_array_a_base64_picture_a_batch_and_a_raw_picture_become_model_input(
     assert x.shape == (2, 784) and batch
     x, _ = parse_body(png(digits[1]), "image/png")
     assert np.array_equal(x[0], picture)
+    boundary = "b0undary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"seven.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + png(digits[1]) + f"\r\n--{boundary}--\r\n".encode()
+    x, batch = parse_body(form, f"multipart/form-data; boundary={boundary}")
+    assert np.array_equal(x[0], picture) and not batch
+    with pytest.raises(BadInput, match="multipart body holds no file"):
+        parse_body(f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--{boundary}--\r\n".encode(),
+                   f"multipart/form-data; boundary={boundary}")
 
 
 @pytest.mark.parametrize("raw, content_type, status, message", [

@@ -8,6 +8,7 @@ rollback with no failed request, and a corrupt version that never replaces the g
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -20,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, SAMPLE, add_version, free_port, job_env
 from trainer.store import Store
@@ -97,6 +99,12 @@ def test_it_answers_with_the_current_version_as_the_model_predicts(served):
     status, answer = call(url + "/predict", json.dumps({"images": digits[:10].tolist()}).encode())
     assert status == 200 and answer["version"] == v1
     assert [p["digit"] for p in answer["predictions"]] == expected[:10].argmax(axis=1).tolist()
+    picture = io.BytesIO()
+    Image.fromarray(digits[0]).save(picture, format="PNG")
+    form = (b"--b0\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.png\"\r\n\r\n"
+            + picture.getvalue() + b"\r\n--b0--\r\n")  # what curl -F image=@d.png sends
+    status, answer = call(url + "/predict", form, "multipart/form-data; boundary=b0")
+    assert status == 200 and answer["version"] == v1 and len(answer["probabilities"]) == 10
     assert call(url + "/healthz") == (200, {"status": "ok", "version": v1})
     status, about = call(url + "/version")
     assert status == 200 and about["version"] == v1 and about["source"] == "store" and about["api"] == "v1"
@@ -173,7 +181,7 @@ def test_promotions_and_a_rollback_swap_versions_under_load_without_a_failed_req
     assert not failures, failures[:3]
     assert len(latencies) >= 4 * PER_VERSION
     assert all(s == [v1, v2, v3, v1] for s in seen), seen  # every client saw the swaps, in order
-    assert max(latencies) < 5.0  # no request waits for a load (the bound docs/operations.md states)
+    assert max(latencies) < 5.0  # no request waits for a load (the bound the README states)
 
 
 def test_a_corrupt_version_never_replaces_the_one_being_served(served):

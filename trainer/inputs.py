@@ -4,6 +4,7 @@
     {"image": "<base64 PNG or JPEG>"}        a picture, prepared as `mnist-predict` prepares one
     {"images": [either of those, ...]}       up to MAX_IMAGES in one request
     a raw PNG or JPEG body                   Content-Type image/png or image/jpeg
+    a form upload (multipart/form-data)      each file field one picture (curl -F image=@seven.png)
 
 Anything else is a BadInput with its HTTP status and one line saying what was wrong. Pure numpy and
 Pillow: nothing here knows about Ray Serve or Keras.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from email.parser import BytesParser
+from email.policy import HTTP
 
 import numpy as np
 from trainer.predict import decode_image, mnist_like
@@ -37,8 +40,11 @@ def parse_body(body: bytes, content_type: str = "application/json") -> tuple[np.
         raise BadInput("empty body: send JSON {\"image\": ...} or {\"images\": [...]}, or a PNG/JPEG image")
     if len(body) > MAX_BODY_BYTES:
         raise BadInput(f"body of {len(body):,} bytes is over the limit of {MAX_BODY_BYTES:,}", 413)
-    if content_type.split(";")[0].strip().lower() in IMAGE_TYPES:
+    kind = content_type.split(";")[0].strip().lower()
+    if kind in IMAGE_TYPES:
         return picture(body)[None], False
+    if kind == "multipart/form-data":
+        return form_pictures(body, content_type)
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -53,6 +59,18 @@ def parse_body(body: bytes, content_type: str = "application/json") -> tuple[np.
     if len(items) > MAX_IMAGES:
         raise BadInput(f"{len(items)} images in one request; the limit is {MAX_IMAGES}", 413)
     return np.stack([one(item, f"images[{i}]") for i, item in enumerate(items)]), True
+
+
+def form_pictures(body: bytes, content_type: str) -> tuple[np.ndarray, bool]:
+    """A form upload (curl -F image=@seven.png): every file field is one picture."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    files = [part for part in (message.iter_parts() if message.is_multipart() else []) if part.get_filename()]
+    if not files:
+        raise BadInput("multipart body holds no file: send the image as a file field (curl -F image=@digit.png)")
+    if len(files) > MAX_IMAGES:
+        raise BadInput(f"{len(files)} images in one request; the limit is {MAX_IMAGES}", 413)
+    pictures = [picture(part.get_payload(decode=True) or b"", part.get_filename()) for part in files]
+    return np.stack(pictures), len(files) > 1
 
 
 def one(item, where: str) -> np.ndarray:
