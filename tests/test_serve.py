@@ -75,7 +75,7 @@ def served(tmp_path_factory):
         try:
             if call(url + "/healthz", timeout=5)[0] == 200:
                 break
-        except OSError:
+        except (OSError, ValueError):  # not listening yet, or the proxy up before the app (a plain-text 404)
             pass
         assert time.monotonic() < deadline, "mnist-serve did not answer in 180 s"
         time.sleep(0.5)

@@ -239,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("deployed to the cluster; it keeps serving after this command ends (`serve shutdown` stops it)")
                 return 0
             stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            try:
-                stop.wait()
-            except KeyboardInterrupt:
-                pass  # the app goes down with this process's own Ray
+            for sig in (signal.SIGINT, signal.SIGTERM):  # Ray's own SIGINT handling does not end this wait
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(0.5):  # a timed wait: the main thread runs the handlers between waits
+                pass
+            print("stopping: the app goes down with this process's Ray", flush=True)
         finally:
             ray.shutdown()
     return 0
