@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 
 from trainer import errors
 from trainer.inputs import MAX_BODY_BYTES, BadInput, parse_body
@@ -56,10 +56,11 @@ def current(store: str | None, model_file: str | None) -> tuple[str, str]:
         return f"file:{os.path.basename(model_file)}", os.path.abspath(model_file)
     from trainer.store import Store, StoreError
 
-    vid = Store(store).current_id()
+    models = Store(store)
+    vid = models.current_id()
     if vid is None:
         raise StoreError(f"{store} has no current version yet; promote one with mnist-retrain")
-    return vid, Store(store).model_path(vid)
+    return vid, models.model_path(vid)
 
 
 def load(version: str, path: str) -> Loaded:
@@ -123,8 +124,6 @@ class Digits:
                 return JSONResponse({"version": loaded.version, "model": loaded.path, "api": API_VERSION,
                                      "loaded_at": loaded.loaded_at, "source": "store" if self.store else "file"})
             if route == ("GET", "/"):
-                from starlette.responses import HTMLResponse
-
                 return HTMLResponse(page())
             known = {"/predict": "POST", "/healthz": "GET", "/version": "GET", "/": "GET"}
             if route[1] in known:

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.mnist import IMAGE_BYTES, IMAGE_SHAPE, DataError
+from trainer.data import images_from_column
+from trainer.mnist import IMAGE_SHAPE, DataError
 from trainer.storage import filesystem
 
 SHUFFLE_ROWS = 100_000  # rows mixed at once (78 MB of images): one or more whole segments
@@ -125,10 +126,7 @@ class ShareReader:
         if len(index) != segment.rows or index[0] != segment.first or index[-1] != segment.first + segment.rows - 1:
             raise DataError(f"{where}: rows {segment.start}..{segment.stop} are not rows "
                             f"{segment.first}..{segment.first + segment.rows} of the split")
-        images = table.column("image").combine_chunks()
-        flat = np.frombuffer(images.buffers()[1], np.uint8, count=len(images) * IMAGE_BYTES,
-                             offset=images.offset * IMAGE_BYTES)
-        return flat.reshape(len(images), *IMAGE_SHAPE), table.column("label").to_numpy().astype(np.uint8)
+        return images_from_column(table.column("image")), table.column("label").to_numpy().astype(np.uint8)
 
 
 class Prefetch:
