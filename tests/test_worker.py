@@ -147,3 +147,23 @@ def test_the_tensorflow_internals_exist_and_do_what_the_worker_needs():
                           text=True, timeout=180)
     assert proc.stdout.split("\n")[-4:] == ["heartbeat 77.0", "reduced 1.0", "aborted True", ""], \
         proc.stdout + proc.stderr[-3000:]
+
+
+def test_the_collective_port_is_free_and_outside_the_ephemeral_range_where_outgoing_connections_take_theirs(
+        tmp_path, monkeypatch):
+    import socket
+
+    from trainer import backend
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(ranges))
+    ports = {backend.free_port() for _ in range(20)}
+    assert all(20_000 <= p < 32768 for p in ports) and len(ports) > 1  # two workers on a node differ
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))  # free when picked
+    ranges.write_text("10000 60999\n")  # no room below it: the OS's choice
+    assert 10000 <= backend.free_port() <= 65535
+    monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(tmp_path / "missing"))
+    assert 0 < backend.free_port() <= 65535

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -35,12 +36,38 @@ class TFConfigSetup(BackendConfig):
 
 
 def _address() -> str:
-    """This worker's node IP and a free port, for TensorFlow's collective server."""
+    """This worker's node IP and a free port for TensorFlow's collective server, which binds it
+    seconds later (after TensorFlow imports)."""
+    ip = ray.util.get_node_ip_address()
+    port = free_port()
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+ABOVE_RAY_WORKER_PORTS = 20_000  # Ray's workers take 10002-19999 (ray start --min/max-worker-port)
+_RANDOM = random.SystemRandom()  # not the seeded module state: two workers on a node must differ
+
+
+def free_port(tries: int = 50) -> int:
+    """A port that is free now, picked below the kernel's ephemeral range where it can: a port from
+    that range (what bind(0) gives) is also what every outgoing connection takes, and on a busy node
+    one did take ours before TensorFlow bound it ("Could not start gRPC server", a lost restart)."""
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0  # not Linux: the OS's choice
+    for _ in range(tries if ephemeral_low > ABOVE_RAY_WORKER_PORTS + 1000 else 0):
+        port = _RANDOM.randrange(ABOVE_RAY_WORKER_PORTS, ephemeral_low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("", 0))
-        port = s.getsockname()[1]
-    ip = ray.util.get_node_ip_address()
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return s.getsockname()[1]
 
 
 def _set_environment(addresses: list[str], rank: int, tf_log_level: str) -> None:
