@@ -9,6 +9,8 @@ Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for 
   c  2 workers, global batch 128
   cs the same, each worker streaming its share from the Parquet files (--data-path stream; not a
      default run: `--runs a,c,cs` sets the streaming path beside the in-memory one)
+  ct the same as c, tracked in MLflow (--track: the embedded SQLite store, or --tracking-uri's
+     server); not a default run: `--runs a,c,ct` prints what tracking costs as ratios to c
   d  2 workers, global batch 512 and 1024, learning rate scaled linearly with 1 epoch of warm-up
   s  the default job (2 workers) submitted with `ray job submit` to a cluster started beforehand
      (scripts/start_cluster.sh, not timed): start counts from the submit command
@@ -50,6 +52,7 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
     "b": (f"job, 1 worker ({CORES} CPUs), batch 128", 1, ("--num-workers", "1", "--cpus-per-worker", str(CORES))),
     "c": ("job, 2 workers, batch 128", 2, ("--num-workers", "2")),
     "cs": ("job, 2 workers, batch 128, streamed", 2, ("--num-workers", "2", "--data-path", "stream")),
+    "ct": ("job, 2 workers, batch 128, tracked in MLflow", 2, ("--num-workers", "2", "--track")),
     "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),
     "d1024": ("job, 2 workers, batch 1024", 2, ("--num-workers", "2", "--batch-size", "1024", *SCALED)),
     "s": ("job submitted to a running cluster, 2 workers", 2, ("--num-workers", "2")),
@@ -59,6 +62,7 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
 }
 DEFAULT_RUNS = ("a", "b", "c", "d512", "d1024", "s")
 SUBMITTED = "s"
+TRACKED = "ct"
 RAY_CLI_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|SUCC|WARNING) \S+\.py:\d+ -- ")
 SMOKE_RUNS = ("a", "c")
 TARGETS = (  # (run, what, the most it may cost as a ratio to plain Keras's seconds per epoch)
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                         "'--threads 4' or '--device gpu'")
     parser.add_argument("--output", default="bench", help="benchmark.json, benchmark.png, run logs")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
+    parser.add_argument("--tracking-uri", help="the MLflow server run ct tracks to (default: the embedded store "
+                        "in its output); only ct tracks, whatever $MLFLOW_TRACKING_URI says")
     parser.add_argument("--smoke", action="store_true", help="the committed sample, 1 epoch: checks the "
                         "benchmark works, measures nothing")
     args = parser.parse_args(argv)
@@ -123,6 +129,7 @@ def run_benchmark(args) -> dict:
         raise BenchmarkError(f"--epochs must be at least 1, got {epochs}")
     output = os.path.abspath(args.output)
     storage = os.path.join(output, "ray_results")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the job runs inherit this environment: only ct tracks
     os.makedirs(os.path.join(output, "logs"), exist_ok=True)
     prepare_s, train_rows = _prepare_data(data, storage)  # once, untimed: a user's second run reuses it
     results = {"machine": _machine(), "data": os.path.abspath(data), "epochs": epochs,
@@ -132,6 +139,8 @@ def run_benchmark(args) -> dict:
         print(f"run {key}: {RUNS[key][0]} ...", flush=True)
         run_one = _run_submitted if key == SUBMITTED else _run_one
         extra = shlex.split(args.plain_args if RUNS[key][2] is None else args.job_args)
+        if key == TRACKED and args.tracking_uri:
+            extra += ["--tracking-uri", args.tracking_uri]
         run = run_one(key, data, epochs, train_rows, extra, output, storage, args.timeout)
         results["runs"].append(run)
         print(f"  {run['seconds_per_epoch']:.2f} s/epoch, test accuracy {run['test_accuracy']:.4f}, "
@@ -383,6 +392,12 @@ def format_table(results: dict) -> str:
             lines.append(f"CPU s/epoch {run['key']}: " + ", ".join(
                 f"{name} {seconds:.2f}" for name, seconds in run["cpu_s_per_epoch"].items())
                 + f"; all but the train workers {run['non_worker_cpu_s_per_epoch']:.2f}")
+    if "c" in runs and TRACKED in runs:
+        c, ct = runs["c"], runs[TRACKED]
+        lines.append(f"tracking (ct over c): s/epoch {ct['seconds_per_epoch'] / c['seconds_per_epoch']:.2f}x, start to "
+                     f"first step {ct['start_to_first_step_s'] / c['start_to_first_step_s']:.2f}x "
+                     f"(+{ct['start_to_first_step_s'] - c['start_to_first_step_s']:.1f} s), wall "
+                     f"{ct['wall_s'] / c['wall_s']:.2f}x (+{ct['wall_s'] - c['wall_s']:.1f} s)")
     for target in results["targets"]:
         shown = (f"{target['ratio']:.2f}x (limit {target['limit']}x), test accuracy "
                  f"{target['test_accuracy']:.4f}" if "ratio" in target

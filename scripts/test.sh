@@ -5,4 +5,5 @@
 #   bash scripts/test.sh -m "not slow"
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" test
 cd "$ROOT"
+bash scripts/mlflow.sh --version > /dev/null  # the tracking server's own environment, for tests/test_tracking.py
 exec python -m pytest "$@"

@@ -53,9 +53,10 @@ def _unit_tests_start_no_ray(request):
 
 
 def job_env(**extra: str) -> dict:
-    """The environment for a job or script subprocess: unbuffered, and never a cluster the
-    developer's shell happens to point at (RAY_ADDRESS) unless a test sets one."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """The environment for a job or script subprocess: unbuffered, and never a cluster or an MLflow
+    server the developer's shell happens to point at (RAY_ADDRESS, MLFLOW_TRACKING_URI) unless a
+    test sets one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -75,6 +76,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (scripts/mlflow.sh: its own environment), with a SQLite
+    backend and a local artifact root in `root`; stop() and start() again keep the port and data."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = Path(root), free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import urllib.request
+
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "mlflow.sh"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # No job runners (7 huey processes for MLflow's GenAI jobs): tracking needs none, and 2 cores feel them.
+            env=job_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"mlflow server not up in {timeout} s: {(self.root / 'server.log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group (the script, mlflow, uvicorn), then SIGKILL."""
+        import contextlib
+        import signal
+
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived its leader
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
 
 
 def read_metrics(output: Path) -> dict:
@@ -172,12 +222,12 @@ def full_mnist() -> str:
 @pytest.fixture(scope="session")
 def extras_run(tmp_path_factory) -> tuple[Path, Path, str]:
     """(output dir, TensorBoard dir, console) of one 2-worker run with every optional output on:
-    the convnet with --augment, --tensorboard-dir and --export-savedmodel. Read by the TensorBoard,
-    export and augmentation tests."""
+    the convnet with --augment, --tensorboard-dir, --export-savedmodel and --track (MLflow's embedded
+    store). Read by the TensorBoard, export, augmentation and tracking tests."""
     root = tmp_path_factory.mktemp("extras")
     output, board = root / "out", root / "tb"
     proc = run_job("--data", str(SAMPLE), "--num-workers", "2", "--epochs", "2", "--model", "cnn",
-                   "--augment", "--tensorboard-dir", str(board), "--export-savedmodel",
+                   "--augment", "--tensorboard-dir", str(board), "--export-savedmodel", "--track",
                    "--output", str(output), "--storage-path", str(root / "runs"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return output, board, proc.stdout + proc.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, MlflowServer, free_port
 from trainer.outputs import MODEL_FILES as OUTPUT_MODEL_FILES
 
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, beside the interpreter running pytest
@@ -112,6 +112,19 @@ def job_logs(cluster, submission_id: str) -> list[str]:
     return [line for line in lines if line.strip() and "Job submission server address" not in line]
 
 
+def poll_mlflow(mlflow_client, job, every_s: float = 0.3) -> list[tuple[int, bool]]:
+    """(epochs logged, test metrics logged) of the run in experiment mnist, each time the server is
+    asked, until `job` (a future) is done."""
+    seen = []
+    while not job.done():
+        experiment = mlflow_client.get_experiment_by_name("mnist")
+        for run in mlflow_client.search_runs([experiment.experiment_id]) if experiment else []:
+            seen.append((len(mlflow_client.get_metric_history(run.info.run_id, "loss")),
+                         bool(mlflow_client.get_metric_history(run.info.run_id, "test_accuracy"))))
+        time.sleep(every_s)
+    return seen
+
+
 # ---- the cluster: token auth, loopback ---------------------------------------------------------
 
 @pytest.mark.timeout(300)
@@ -158,11 +171,27 @@ def listening_addresses(pids: list[int]) -> list[str]:
 
 @pytest.mark.timeout(700)
 def test_submitted_job_succeeds_and_publishes_the_model_to_the_storage_path(cluster, tmp_path):
+    """...and tracks itself in a real `mlflow server` on loopback, which the test polls while the job runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
     storage = tmp_path / "runs"  # absolute: the job runs in the unpacked working dir, not here
-    # --data is relative: it resolves inside the uploaded working dir, which keeps the sample.
-    submission_id, result, seconds = submit(cluster, [
-        "--data", "tests/data/mnist_sample.npz", "--num-workers", "2", "--epochs", "2",
-        "--storage-path", str(storage), "--run-name", "submitted"])
+    server = MlflowServer(tmp_path).start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # --data is relative: it resolves inside the uploaded working dir, which keeps the sample.
+            job = pool.submit(submit, cluster, [
+                "--data", "tests/data/mnist_sample.npz", "--num-workers", "2", "--epochs", "2",
+                "--storage-path", str(storage), "--run-name", "submitted", "--tracking-uri", server.uri])
+            seen = poll_mlflow(MlflowClient(server.uri), job)
+            submission_id, result, seconds = job.result()
+        mlflow_client = MlflowClient(server.uri)
+        experiment = mlflow_client.get_experiment_by_name("mnist")
+        runs = mlflow_client.search_runs([experiment.experiment_id]) if experiment else []
+        losses = [[m.step for m in mlflow_client.get_metric_history(r.info.run_id, "loss")] for r in runs]
+    finally:
+        server.stop()
     print(f"submitted job end to end: {seconds:.1f} s")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert job_status(cluster, submission_id) == "SUCCEEDED"
@@ -180,6 +209,16 @@ def test_submitted_job_succeeds_and_publishes_the_model_to_the_storage_path(clus
     assert float(accuracy[0].split(": ")[1]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
     assert any(str(model_dir) in line for line in last), \
         f"the last log lines do not say the model is in {model_dir}: {last}"
+
+    # MLflow: the epochs reached the server while the job ran, before the test metrics of its end.
+    assert any(epochs >= 1 and not tested for epochs, tested in seen), seen
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.info.run_name == "submitted" and losses == [[1, 2]]
+    assert run.data.tags["ray.submission_id"] == submission_id and run.data.tags["world_sizes"] == "2,2"
+    assert run.data.params["num_workers"] == "2" and metrics["tracking"]["run_id"] == run.info.run_id
+    token = Path(cluster["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert len(token) >= 16 and not [k for k, v in [*run.data.params.items(), *run.data.tags.items()]
+                                     if token in k or token in v]  # the cluster's token is logged nowhere
 
 
 @pytest.mark.timeout(300)
@@ -247,6 +286,7 @@ def test_runtime_env_excludes_alone_keep_data_venvs_and_outputs_out(tmp_path):
     tree = tmp_path / "checkout"
     kept = ["jobs/train_mnist.py", "trainer/driver.py", "tests/data/mnist_sample.npz", "README.md"]
     dropped = [".git/objects/ab/cdef", ".venv/lib/python3.11/site-packages/tf.so", "venv/bin/python",
+               ".venv-mlflow/bin/mlflow", "mlflow.db", "mlartifacts/1/model.keras",
                "models/mnist.keras", "ray_results/run/checkpoint.pkl", "data/mnist/train.parquet",
                "trainer/__pycache__/driver.cpython-311.pyc", ".pytest_cache/v/cache/lastfailed",
                "mnist.npz", "tests/data/other.npz", "out/mnist.h5", "mnist_project.egg-info/PKG-INFO"]
@@ -267,7 +307,7 @@ def test_upload_of_this_checkout_is_small_and_has_the_code():
         size = target.stat().st_size
     assert {"jobs/train_mnist.py", "trainer/driver.py", "trainer/worker.py",
             "tests/data/mnist_sample.npz"} <= set(names)
-    assert not [n for n in names if n.startswith((".git/", ".venv/")) or "__pycache__" in n]
+    assert not [n for n in names if n.startswith((".git/", ".venv/", ".venv-mlflow/")) or "__pycache__" in n]
     assert size < 5 * 2**20 < GCS_STORAGE_MAX_SIZE, f"upload is {size / 2**20:.1f} MiB"
 
 

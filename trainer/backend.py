@@ -1,5 +1,5 @@
 """Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, the
-callback that announces restarts, and the trainer that runs it.
+controller's callbacks (restarts announced, epochs to MLflow), and the trainer that runs it.
 
 Ray's own `TensorflowConfig` does the same (TF_CONFIG on every worker) but lives in a package whose
 `__init__` imports TensorFlow, so the driver and Ray Train's controller would each pay that import
@@ -109,6 +109,20 @@ class Restarts(UserCallback):
                          f"{entry['continuing_from_epoch']}, restart {self.failures} of {of}\n")
         sys.stdout.flush()
         failures.append_record(self.record_path, entry)
+
+
+class EpochMetrics(UserCallback):
+    """On Ray Train's controller, after each epoch's report: rank 0's numbers to the MLflow run, live
+    (trainer/tracking.py). The workers never wait on it: their reports do not."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "epoch" in metrics[0]:
+            from trainer import tracking
+
+            tracking.log_epoch(self.uri, self.run_id, metrics[0])
 
 
 def trainer_class(local: bool):

@@ -136,6 +136,15 @@ class Config:
         "for `tensorboard --logdir`; a local path, or gs://")
     export_savedmodel: bool = _opt(False, "also write a TensorFlow SavedModel with a serving signature "
                                    "to <output>/mnist_savedmodel")
+    # Tracking (MLflow, optional: trainer/tracking.py).
+    track: bool = _opt(False, "record the run in MLflow (pip install -e \".[tracking]\"): at --tracking-uri, else "
+                       "$MLFLOW_TRACKING_URI, else an embedded SQLite store <output>/mlflow.db, which needs no server")
+    tracking_uri: str | None = _opt(
+        None, "MLflow tracking server or store, such as http://127.0.0.1:5000 or sqlite:///mlflow.db; turns "
+        "tracking on (default: $MLFLOW_TRACKING_URI, which turns it on too). Credentials go in MLflow's own "
+        "variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never in the URI")
+    no_tracking: bool = _opt(False, "never track, even with $MLFLOW_TRACKING_URI set")
+    experiment: str = _opt("mnist", "MLflow experiment of the run")
     verbose: bool = _opt(False, "also print Ray's and TensorFlow's own log lines (per-report, checkpoint "
                          "and C++ notices), which otherwise go only to Ray's log files")
 
@@ -268,6 +277,15 @@ def _problems(cfg: Config):
         yield f"stall_timeout_s must be at least 1 (seconds), got {cfg.stall_timeout_s}"
     if cfg.steps_per_call < 1:
         yield f"steps_per_call must be at least 1, got {cfg.steps_per_call}"
+    if cfg.tracking_uri is not None and not cfg.tracking_uri.strip():
+        yield "tracking_uri must be a URI such as http://127.0.0.1:5000, got an empty string"
+    elif cfg.tracking_uri and _password_in(cfg.tracking_uri):
+        yield ("tracking_uri must not hold a password (it would be logged with the config): put it in "
+               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
+    if cfg.no_tracking and (cfg.track or cfg.tracking_uri):
+        yield "--no-tracking turns tracking off: drop --track and --tracking-uri, or drop --no-tracking"
+    if not cfg.experiment.strip():
+        yield "experiment must name an MLflow experiment, got an empty string"
     if cfg.tensorboard_dir is not None:
         scheme = cfg.tensorboard_dir.split("://")[0] if "://" in cfg.tensorboard_dir else "file"
         if not cfg.tensorboard_dir.strip():
@@ -275,3 +293,13 @@ def _problems(cfg: Config):
         elif scheme not in TENSORBOARD_SCHEMES:
             yield (f"tensorboard_dir {cfg.tensorboard_dir!r}: TensorFlow cannot write event files to "
                    f"{scheme}:// (only local paths and gs://); write locally and copy the folder")
+
+
+def _password_in(uri: str) -> bool:
+    """Whether a URI carries user:password@ (a token or password that would reach the logs)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(uri).password is not None
+    except ValueError:
+        return False

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from trainer import checkpoint, cluster, data, elastic, errors, failures, quiet, storage, timeline
+from trainer import checkpoint, cluster, data, elastic, errors, failures, quiet, storage, timeline, tracking
 from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
 from trainer.outputs import MODEL_FILES, copy_published, save_model_atomic, write_json_atomic
 
@@ -65,25 +65,32 @@ def run(cfg: Config) -> dict:
         marks = {"process_start": timeline.process_start_time()}
         plan = prepare(cfg)
         latest = _previous_checkpoint(cfg, plan.run_dir)
-        if latest is not None and latest[1]["epochs_done"] >= cfg.epochs:
+        epochs_done = latest[1]["epochs_done"] if latest else 0
+        if epochs_done >= cfg.epochs:
             done = _finished_outputs(plan.run_dir)
             if done is not None:
                 print(f"run {plan.run_name} already finished (test accuracy {done['test_accuracy']:.4f}, outputs "
                       f"in {storage.join(plan.run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
                       flush=True)
                 return done
-            print(f"run {plan.run_name} finished training; evaluating its last checkpoint", flush=True)
-            final = latest[0]
-        else:
-            print(f"run: {plan.run_name} in {plan.storage_path} (rerun with --run-name {plan.run_name} to resume)",
-                  flush=True)
-            final, points = train(cfg, plan, latest[1]["epochs_done"] if latest else 0)
-            marks.update(points)
-        model, metrics, probs, workers = evaluate(cfg, plan, final)
-        marks["evaluation_done"] = time.time()
-        # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
-        worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
-        published = publish(cfg, plan, model, metrics, probs, marks, worker_marks)
+        tracked = tracking.open_run(cfg, plan.run_dir, plan.run_name, plan.manifest["content_sha256"], epochs_done)
+        with tracking.ending_on_failure(tracked):
+            if epochs_done >= cfg.epochs:
+                print(f"run {plan.run_name} finished training; evaluating its last checkpoint", flush=True)
+                final = latest[0]
+            else:
+                print(f"run: {plan.run_name} in {plan.storage_path} (rerun with --run-name {plan.run_name} to resume)",
+                      flush=True)
+                final, points = train(cfg, plan, epochs_done, tracked)
+                marks.update(points)
+            model, metrics, probs, workers = evaluate(cfg, plan, final)
+            metrics["tracking"] = tracked.describe() if tracked else None
+            marks["evaluation_done"] = time.time()
+            # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
+            worker_marks = [w.get("timeline", {}) for w in workers] if "training_done" in marks else []
+            published = publish(cfg, plan, model, metrics, probs, marks, worker_marks)
+            if tracked:
+                tracked.finish(cfg.output, model, metrics)
     first_step = metrics["timeline"].get("first_step")
     print(f"test accuracy: {metrics['test_accuracy']:.4f}", flush=True)
     print(f"model saved to {os.path.join(cfg.output, 'mnist.keras')} and mnist.h5 "
@@ -98,6 +105,9 @@ def prepare(cfg: Config) -> Plan:
     --storage-path writable, the data validated and written as Parquet shards (once per content)."""
     if cluster.address(cfg):
         cluster.check_reachable(cluster.address(cfg))
+    uri = tracking.tracking_uri(cfg, cfg.output)
+    if uri:  # MLflow missing: one line, before any data work
+        tracking.require(uri, cfg.verbose)
     start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
     storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
@@ -195,9 +205,10 @@ def _warm_start(cfg: Config):
     return start
 
 
-def train(cfg: Config, plan: Plan, epochs_done: int):
+def train(cfg: Config, plan: Plan, epochs_done: int, tracked: tracking.Run | None = None):
     """Step 2: start or join Ray, check the workers fit and the storage is shared, and run Ray Train
-    from `epochs_done`; (the final checkpoint, the timeline's points on the way)."""
+    from `epochs_done`, each epoch to MLflow if `tracked`; (the final checkpoint, the timeline's
+    points on the way)."""
     import ray
     from ray.train import TrainingFailedError
 
@@ -208,7 +219,9 @@ def train(cfg: Config, plan: Plan, epochs_done: int):
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
         cluster.check_storage_shared(ray, plan.storage_path)
-        result = _fit(ray, cfg, plan, epochs_done, points)
+        if tracked:
+            tracked.set_tags(tracking.job_tags())
+        result = _fit(ray, cfg, plan, epochs_done, points, tracked)
         points["training_done"] = time.time()
         return result.checkpoint, points
     except TrainingFailedError as exc:
@@ -219,12 +232,12 @@ def train(cfg: Config, plan: Plan, epochs_done: int):
         points["ray_down"] = time.time()
 
 
-def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict):
+def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
     from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
 
-    from trainer.backend import Restarts, TFConfigSetup, trainer_class
+    from trainer.backend import EpochMetrics, Restarts, TFConfigSetup, trainer_class
     from trainer.worker import train_loop_per_worker
 
     points["driver_imports_done"] = time.time()
@@ -249,7 +262,8 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict):
             name=plan.run_name, storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[Restarts(storage.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done)],
+            callbacks=[Restarts(storage.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done),
+                       *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else [])],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
     points["training_launched"] = time.time()

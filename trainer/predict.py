@@ -1,6 +1,7 @@
 """Classify your own digit images with a trained model.
 
     python -m trainer.predict models/mnist.keras seven.png scan.jpg [--json]
+    python -m trainer.predict models:/mnist@champion seven.png     (MLflow's registry: --tracking-uri or $MLFLOW_TRACKING_URI)
 
 Each PNG or JPEG, of any size, dark ink on light paper or light on dark, is made to look like an
 MNIST digit (`mnist_like`) and classified. One line per file: `seven.png: 7  (7 0.991, 1 0.006,
@@ -28,6 +29,7 @@ CENTRE = 14.0  # where MNIST's centres of mass sit, in pixel indices (measured o
 INK_FLOOR = 0.1  # of the strongest ink: fainter pixels are paper texture, noise or JPEG ringing
 TOP = 3
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")  # what keras.saving.load_model accepts
+MLFLOW_SCHEMES = ("models:/", "runs:/")  # an MLflow model (trainer/tracking.py)
 
 
 def mnist_like(image: Image.Image) -> np.ndarray:
@@ -128,14 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.predict",
         description="Classify PNG or JPEG digit images with a trained MNIST model.")
-    parser.add_argument("model", metavar="MODEL", help="trained model: mnist.keras (or mnist.h5)")
+    parser.add_argument("model", metavar="MODEL", help="trained model: mnist.keras (or mnist.h5), or an MLflow "
+                        "model URI such as models:/mnist@champion or runs:/<run id>/model")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files, one digit each")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--tracking-uri", metavar="URI", help="the MLflow tracking server of a models:/ or runs:/ "
+                        "MODEL (default: $MLFLOW_TRACKING_URI)")
     return parser
 
 
-def load_model(path: str):
+def load_model(path: str, tracking_uri: str | None = None):
     """The model, or ValueError with a one-line reason (missing, unreadable, wrong shape)."""
+    if path.startswith(MLFLOW_SCHEMES):
+        from trainer import tracking
+
+        return _checked(path, tracking.load_keras(path, tracking_uri))
     if not os.path.isfile(path):
         raise ValueError(f"model file {path!r} not found; train one first (it is written to models/mnist.keras)")
     if not path.endswith(MODEL_SUFFIXES):  # Keras picks the loader by suffix; say so in our words
@@ -146,6 +155,10 @@ def load_model(path: str):
         model = keras.saving.load_model(path, safe_mode=True, compile=False)  # compile: only predicting
     except Exception as exc:  # corrupt zip, wrong format, unsafe lambda...: all mean "not a model"
         raise ValueError(f"{path}: not a loadable Keras model ({errors.first_line(exc, named=True, limit=160)})") from None
+    return _checked(path, model)
+
+
+def _checked(path: str, model):
     if tuple(model.input_shape) != (None, FIELD * FIELD) or tuple(model.output_shape) != (None, 10):
         raise ValueError(f"{path}: model maps {model.input_shape} -> {model.output_shape}, "
                          "expected an MNIST model (None, 784) -> (None, 10)")
@@ -155,7 +168,7 @@ def load_model(path: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, args.tracking_uri)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

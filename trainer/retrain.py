@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 
-from trainer import cli, data, data_checks, errors, promotion, storage, warm
+from trainer import cli, data, data_checks, errors, promotion, storage, tracking, warm
 from trainer.config import Config
 from trainer.lock import LockHeld
 from trainer.policy import (FAILED, NO_MODEL, REFUSED, REJECTED, Policy, fingerprint, iso, new_version_id, status_of,
@@ -79,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--canary-python", metavar="PYTHON",
                        help="the Python of the serving environment, which loads the candidate before "
                        "it is promoted (default: this one)")
+    group.add_argument("--registered-model", default=tracking.REGISTERED_MODEL, metavar="NAME",
+                       help="with tracking on (--track, --tracking-uri or $MLFLOW_TRACKING_URI): the MLflow "
+                       f"registered model of the store's versions; its alias {tracking.CHAMPION!r} follows current.json. "
+                       "--track alone keeps the registry in <store>/mlflow.db")
     action = group.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list the versions and exit")
+    action.add_argument("--sync-tracking", action="store_true",
+                        help="bring the MLflow registry in line with the store (after the tracking server was "
+                        "down during a cycle) and exit")
     action.add_argument("--rollback", metavar="VERSION",
                         help="point current at an earlier version (with --force: even a rejected one)")
     # The training flags' --force (retrain a finished run) doubles as retrain's; add it if gone.
@@ -113,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                         args.keep_versions)
         cfg = cli.config_from_args(args)
         store = Store(args.store)
+        uri = tracking.tracking_uri(cfg, store.root)
+        if args.sync_tracking and not uri:
+            raise ValueError("--sync-tracking needs tracking on: --track, --tracking-uri URI or $MLFLOW_TRACKING_URI")
     except (ValueError, StoreError) as exc:
         return cli.fail(str(exc))
+    try:
+        if uri:  # MLflow missing: one line, before the lock and any data work
+            tracking.require(uri, cfg.verbose)
+    except tracking.TrackingError as exc:
+        return cli.fail(str(exc), code=1)
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.cluster import ClusterError
@@ -125,10 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.list:
             return list_versions(store)
+        if args.sync_tracking:
+            store.require()
+            return 0 if tracking.sync_registry(store, cfg, args.registered_model) is not None else 1
         if args.rollback:
-            return rollback(store, args.rollback, args.force)
-        return retrain(store, cfg, policy, args.warm_epochs if args.warm_start else None,
-                       args.accept_data_change, args.canary_python)
+            code = rollback(store, args.rollback, args.force)
+        else:
+            code = retrain(store, cfg, policy, args.warm_epochs if args.warm_start else None,
+                           args.accept_data_change, args.canary_python)
+        tracking.sync_registry(store, cfg, args.registered_model)  # the registry follows the store
+        return code
     except LockHeld as exc:
         if args.rollback:
             return cli.fail(f"{exc}; roll back when it has finished", code=1)
@@ -187,7 +208,8 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
                     if current else None)  # an unreadable current model stops the cycle before training
         run_cfg = dataclasses.replace(
             cfg, data=parquet_dir, output=store.new_staging(vid), run_name=vid,
-            storage_path=cfg.storage_path or store.path(RUNS))
+            storage_path=cfg.storage_path or store.path(RUNS),
+            tracking_uri=tracking.tracking_uri(cfg, store.root))  # --track alone: the store's own mlflow.db
         record["config"] = run_cfg.to_dict()
         print(f"retraining version {vid} (data sha256 {digest[:DATA_HASH_CHARS]}; current "
               f"{current or 'none'}" + (f"; starting from {parent}" if parent else "") + ")", flush=True)
@@ -204,7 +226,8 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
                 shutil.rmtree(store.path(STAGING, vid), ignore_errors=True)
             raise
         place.unchanged()  # the store's mount still there before anything is registered in it
-        record.update(test_accuracy=metrics["test_accuracy"], test_loss=metrics["test_loss"])
+        record.update(test_accuracy=metrics["test_accuracy"], test_loss=metrics["test_loss"],
+                      tracking=metrics.get("tracking"))
         code = {promotion.PROMOTE: 0, promotion.GATE: EXIT_REJECTED, promotion.CANARY: EXIT_CANARY}[
             promotion.decide(store, vid, current, baseline, mnist, policy, canary_python, record, cfg.verbose)]
         record["finished"] = iso(utc_now())
