@@ -293,10 +293,11 @@ def test_lost_node_restarts_the_group_on_the_remaining_nodes(tmp_path, four_node
 
 def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_path, undisturbed):
     """--num-workers 1-3 on a CPU-less head and three 1-CPU nodes starts 3 workers; rank 1's node is
-    removed without grace once epoch 2 is checkpointed, and Ray Train restarts on the 2 that fit."""
+    removed without grace once epoch 2 is checkpointed, and Ray Train restarts on the 2 that fit. The
+    run is tracked in MLflow, where the resize shows."""
     with simulated_cluster(head_cpus=0, node_cpus=[1, 1, 1]) as cluster:
         proc = start_job("--address", cluster.address, "--num-workers", "1-3", "--max-failures", "1",
-                         "--stall-timeout-s", "30", "--run-name", "shrink",
+                         "--stall-timeout-s", "30", "--run-name", "shrink", "--track",
                          "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "out"))
         checkpoint_dir = wait_for_epoch(tmp_path / "runs" / "shrink", 2, proc)
         with open(os.path.join(checkpoint_dir, "workers", "rank-1.json")) as f:
@@ -313,6 +314,17 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_pa
     assert lost not in [w["node_id"] for w in metrics["workers"]]
     assert_each_step_used_the_global_batch(metrics, 3000)  # at 3 workers (11+11+10) and at 2 (16+16)
     assert abs(metrics["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.015
+    # MLflow (--track, the embedded store): the resize is on the run, as it happened and in the summary.
+    from mlflow import MlflowClient
+
+    from trainer.tracking import describe_resize
+
+    mlflow_client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    tags = mlflow_client.get_run(metrics["tracking"]["run_id"]).data.tags
+    assert tags[f"resized_at_epoch.{restart}"] == "3 -> 2 workers" and tags["resize.1"] == describe_resize(resize)
+    sizes = {m.step: int(m.value) for m in sorted(mlflow_client.get_metric_history(metrics["tracking"]["run_id"],
+                                                                                   "world_size"), key=lambda m: m.timestamp)}
+    assert list(sizes.values()) == metrics["world_sizes"]  # each epoch's latest point, as the run kept it
     print(epoch_lines(out))
     print(f"shrink: {resize}; test accuracy {metrics['test_accuracy']:.4f} against "
           f"{undisturbed['test_accuracy']:.4f} undisturbed")
