@@ -14,7 +14,8 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users trainer/ trainer/
 COPY --chown=ray:users jobs/ jobs/
 COPY --chown=ray:users scripts/ scripts/
-# Exactly pyproject.toml's pins; on GPU images TensorFlow's CUDA libraries at the same pin.
-RUN pip install --no-cache-dir . \
+# Exactly pyproject.toml's pins, with MLflow's client (the tracking extra: set MLFLOW_TRACKING_URI in a
+# manifest's env to track); on GPU images TensorFlow's CUDA libraries at the same pin.
+RUN pip install --no-cache-dir ".[tracking]" \
  && if [ "$VARIANT" = gpu ]; then pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; fi
 ENV PYTHONUNBUFFERED=1

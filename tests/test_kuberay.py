@@ -174,7 +174,7 @@ def test_the_image_is_ray_260_on_python_311_with_the_projects_pins_and_no_data()
     assert f"{base.group(2)}.{base.group(3)}" in project()["requires-python"].replace(">=", "")
     assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE) and '"$VARIANT" = gpu' in text
     assert f'"tensorflow[and-cuda]=={pins["tensorflow"]}"' in text  # the GPU variant, at the same pin
-    assert "pip install --no-cache-dir ." in text  # the project itself: exactly pyproject's pins
+    assert 'pip install --no-cache-dir ".[tracking]"' in text  # the project itself: exactly pyproject's pins
     assert re.search(r"^USER ray$", text, re.MULTILINE)  # the base image's non-root user
     assert re.search(r"^WORKDIR /home/ray/mnist-ray-train$", text, re.MULTILINE)  # where manifests cd
     copied = re.findall(r"^COPY --chown=ray:users (.+) \S+$", text, re.MULTILINE)

@@ -73,17 +73,19 @@ def run(cfg: Config) -> dict:
                       f"in {storage.join(plan.run_dir, PUBLISHED)}); nothing to do. Pass --force to retrain.",
                       flush=True)
                 return done
-        tracked = tracking.open_run(cfg, plan.run_dir, plan.run_name, plan.manifest["content_sha256"], epochs_done)
-        with tracking.ending_on_failure(tracked):
+        # MLflow's run opens (its import, a new store's tables: about 2 s) while Ray starts.
+        opening = tracking.open_run_soon(cfg, plan.run_dir, plan.run_name, plan.manifest["content_sha256"], epochs_done)
+        with tracking.ending_on_failure(opening):
             if epochs_done >= cfg.epochs:
                 print(f"run {plan.run_name} finished training; evaluating its last checkpoint", flush=True)
                 final = latest[0]
             else:
                 print(f"run: {plan.run_name} in {plan.storage_path} (rerun with --run-name {plan.run_name} to resume)",
                       flush=True)
-                final, points = train(cfg, plan, epochs_done, tracked)
+                final, points = train(cfg, plan, epochs_done, opening)
                 marks.update(points)
             model, metrics, probs, workers = evaluate(cfg, plan, final)
+            tracked = opening.result()
             metrics["tracking"] = tracked.describe() if tracked else None
             marks["evaluation_done"] = time.time()
             # The workers' points belong to this run only if it trained: a finished checkpoint's are an earlier process's.
@@ -205,10 +207,10 @@ def _warm_start(cfg: Config):
     return start
 
 
-def train(cfg: Config, plan: Plan, epochs_done: int, tracked: tracking.Run | None = None):
+def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
     """Step 2: start or join Ray, check the workers fit and the storage is shared, and run Ray Train
-    from `epochs_done`, each epoch to MLflow if `tracked`; (the final checkpoint, the timeline's
-    points on the way)."""
+    from `epochs_done`, each epoch to MLflow if `opening` (tracking.open_run_soon) gives a run;
+    (the final checkpoint, the timeline's points on the way)."""
     import ray
     from ray.train import TrainingFailedError
 
@@ -219,6 +221,7 @@ def train(cfg: Config, plan: Plan, epochs_done: int, tracked: tracking.Run | Non
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
         cluster.check_fits(ray, cfg)
         cluster.check_storage_shared(ray, plan.storage_path)
+        tracked = opening.result() if opening else None
         if tracked:
             tracked.set_tags(tracking.job_tags())
         result = _fit(ray, cfg, plan, epochs_done, points, tracked)

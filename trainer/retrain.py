@@ -5,13 +5,16 @@ the `mnist-retrain` console script and jobs/retrain.py.
     python jobs/retrain.py --store /srv/mnist-store --data ../shared/data/mnist --warm-start
     python jobs/retrain.py --store /srv/mnist-store --list
     python jobs/retrain.py --store /srv/mnist-store --rollback 20261128T020000Z-1a2b3c
+    python jobs/retrain.py --store /srv/mnist-store --tracking-uri http://127.0.0.1:5000 --sync-tracking
 
 A cycle: lock the store -> prepare the data (Parquet shards + content hash) -> stop if neither the
 data nor the training config changed since the current version -> check the data against the
 current version's profile (trainer/data_checks.py; refuse to train on a bad change) -> train and
 evaluate with trainer.driver.run into staging/<id> -> score both models on this data's test split
 -> the paired gate (trainer/gate.py) -> the canary (trainer/canary.py) -> register versions/<id>
-(with the decision and its numbers) -> move current.json if promoted -> prune -> unlock.
+(with the decision and its numbers) -> move current.json if promoted -> prune -> unlock. With
+tracking on (--track, --tracking-uri, $MLFLOW_TRACKING_URI), the MLflow registry then follows the
+store (trainer/tracking.py), as it does after --rollback and on --sync-tracking.
 With --warm-start a cycle starts from the current version's weights (its `parent`, in version.json
 and --list) and trains --warm-epochs; the checks are the same.
 

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from trainer import errors, quiet, storage
@@ -320,12 +321,26 @@ def _record_run(run_dir: str, uri: str, run_id: str) -> None:
         f.write(json.dumps({"uri": uri, "run_id": run_id}).encode())
 
 
+def open_run_soon(cfg: Config, *args) -> Future:
+    """open_run(cfg, *args) on a thread of its own: a Future of the Run (or None)."""
+    if tracking_uri(cfg, cfg.output) is None:
+        done = Future()
+        done.set_result(None)
+        return done
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+    try:
+        return pool.submit(open_run, cfg, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 @contextlib.contextmanager
-def ending_on_failure(run: Run | None):
+def ending_on_failure(opening: Future):
     """A run that raises is marked FAILED in MLflow (KILLED on Ctrl-C or SIGTERM); the error goes on."""
     try:
         yield
     except BaseException as exc:
+        run = opening.result()
         if run is not None:
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -344,8 +359,8 @@ def version_tags(record: dict, pointer: dict | None) -> dict[str, str]:
             "test_accuracy": record.get("test_accuracy"), "data_sha256": record.get("data", {}).get("content_sha256"),
             "parent": record.get("parent"), "git_commit": record.get("git_commit"),
             "gate.baseline_version": gate.get("baseline_version"), "gate.baseline_accuracy": gate.get("baseline_accuracy"),
-            "gate.vs_current": versus if gate else None, "gate.worst_digit": worst if gate else None}
-    return {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in tags.items() if v not in (None, "")}
+            "gate.vs_current": versus, "gate.worst_digit": worst}
+    return {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in tags.items() if v not in (None, "", "-")}
 
 
 def sync_registry(store, cfg: Config, name: str = REGISTERED_MODEL) -> dict | None:
@@ -359,11 +374,11 @@ def sync_registry(store, cfg: Config, name: str = REGISTERED_MODEL) -> dict | No
         return None
     from trainer.policy import NO_MODEL
 
+    pointer = store.pointer()  # a store that cannot be read is the store's error, not MLflow's
+    records = {r["version"]: r for r in store.records() if r.get("decision") not in NO_MODEL}
     with tolerant(uri):
         mlflow_client = client(uri, cfg.verbose)
         registered = {v.tags.get("store_version"): v for v in mlflow_client.search_model_versions(f"name = '{name}'")}
-        pointer = store.pointer()
-        records = {r["version"]: r for r in store.records() if r.get("decision") not in NO_MODEL}
         added = []
         for vid, record in records.items():
             if vid not in registered and os.path.exists(store.model_path(vid)):
