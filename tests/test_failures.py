@@ -115,6 +115,24 @@ def test_the_cause_names_a_peer_whose_connection_dropped():
     assert failures.cause({0: worker_failure(0, caught(reset))}) == (0, "lost the connection to rank 1")
 
 
+def test_the_cause_names_a_peer_that_never_reached_the_report_barrier():
+    """What rank 0 raised when rank 1 froze for good before ray.train.report's checkpoint-name barrier."""
+    from ray.train.v2._internal.exceptions import BroadcastCollectiveTimeoutError
+
+    def late():
+        raise BroadcastCollectiveTimeoutError(time_elapsed=5.01, missing_ranks=[1], timeout_s=5.0)
+
+    assert failures.cause({0: worker_failure(0, caught(late))}) == (0, "no progress for 5s on rank 1")
+
+
+def test_the_ray_train_report_barrier_is_bounded_by_the_stall_timeout():
+    from trainer import cluster
+    from trainer.config import Config
+
+    assert cluster.ray_settings(Config())["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == "60"
+    assert cluster.ray_settings(Config(stall_timeout_s=7.5))["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == "7.5"
+
+
 def test_the_cause_names_the_watchdog_and_else_the_exception():
     def silent():
         raise UnavailableError("Collective ops is aborted by: no progress for 60s: a peer is gone or stalled "

@@ -52,6 +52,13 @@ def ray_settings(cfg: Config) -> dict[str, str]:
     # Ray Train 2.60's preemption watcher is one more actor whose creation logs a core_worker error
     # line; a preempted node is handled like any lost node (restart from the latest checkpoint).
     settings["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    # ray.train.report first agrees on the checkpoint's name across the ranks, in a barrier where
+    # the workers' watchdog is paused (a slow upload, after it, is no stall) and Ray Train waits
+    # for ever by default: a peer frozen for good there hung the group until Ray's health check,
+    # 7 minutes later (a CI run). The ranks reach it together, a checkpoint write apart, so the same
+    # bound as every other silence: --stall-timeout-s. Ray Train passes this to its controller and
+    # workers on any cluster.
+    settings["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = f"{cfg.stall_timeout_s:g}"
     if cfg.elastic:
         # After a lost node an elastic run restarts at the size its resource view allows, and that
         # view (Ray's autoscaling coordinator) refreshes every 20 s: until then Ray Train may ask

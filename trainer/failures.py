@@ -82,7 +82,8 @@ def worker_summaries(worker_failures: dict) -> dict[int, str]:
 def cause(worker_failures: dict) -> tuple[int, str]:
     """(rank, one phrase) for why the group failed, the root cause first: a worker whose node went or
     whose process died (Ray says so), a peer whose heartbeats stopped (the coordination service
-    names its task, which is its rank), the watchdog, else the first worker's exception."""
+    names its task, which is its rank), a peer that never reached ray.train.report (Ray Train names
+    its rank), the watchdog, else the first worker's exception."""
     summaries = worker_summaries(worker_failures)
     dead = {rank: s for rank, s in summaries.items() if not isinstance(worker_failures[rank], WorkerFailure)}
     for rank, summary in dead.items():
@@ -103,6 +104,12 @@ def cause(worker_failures: dict) -> tuple[int, str]:
         if lost:
             peer = int(lost.group(2))
             return (peer if peer in summaries else rank), f"lost the connection to rank {peer}"
+    for rank, summary in summaries.items():  # Ray Train's report barrier timed out (RAY_TRAIN_COLLECTIVE_TIMEOUT_S)
+        late = re.search(r"ranks have not joined the collective operation: \[(\d+)[\s\S]*?current value: ([\d.]+) s",
+                         summary)
+        if late:
+            peer = int(late.group(1))
+            return (peer if peer in summaries else rank), f"no progress for {float(late.group(2)):g}s on rank {peer}"
     for rank, summary in summaries.items():
         silent = re.search(r"no progress for ([\d.]+)s", summary)
         if silent:
