@@ -323,7 +323,11 @@ def test_a_cycle_whose_server_goes_down_completes_with_one_warning_and_the_sync_
     record = json.loads((store / "versions" / v2 / "version.json").read_text())
     run = client(server.uri).get_run(client(server.uri).get_model_version("mnist", versions[v2][0]).run_id)
     assert run.info.run_id == record["tracking"]["run_id"] and run.info.status == "FINISHED"  # its own run,
-    assert run.data.tags["model_logged_from"] == "the model store"  # which the server missed the end of
+    assert run.data.tags["model_logged_from"] == "the model store"  # which the server missed the end of,
+    mlflow_client = client(server.uri)  # completed from the store's files: the epochs, the test metrics, the reports
+    assert [step for step, _ in history(mlflow_client, run.info.run_id, "loss")] == [1]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(record["test_accuracy"]) and "test_loss" in run.data.metrics
+    assert {"metrics.json", "evaluation.json"} <= {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.ray

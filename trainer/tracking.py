@@ -172,31 +172,38 @@ class Run:
                 client(self.uri, self.verbose).set_terminated(self.run_id, status)
 
     def finish(self, output: str, model, metrics: dict) -> None:
-        """The finished run: any epoch the controller could not log, the test metrics, the world
-        sizes and resizes, the reports in `output` and the model, then FINISHED."""
+        """The finished run: log_outcome, the world sizes and resizes, and the model, then FINISHED."""
         if self.uri in _failed:
             return
-        from trainer import report
-
         with tolerant(self.uri):
             mlflow_client = client(self.uri, self.verbose)
-            logged = {m.step for m in mlflow_client.get_metric_history(self.run_id, "loss")}
-            for record in metrics["epochs"]:
-                if record["epoch"] not in logged:
-                    log_epoch_with(mlflow_client, self.run_id, record)
-            last = metrics["epochs"][-1]["epoch"] if metrics["epochs"] else 0
-            for key in ("test_loss", "test_accuracy"):
-                mlflow_client.log_metric(self.run_id, key, float(metrics[key]), step=last)
+            log_outcome(mlflow_client, self.run_id, metrics, output)
             tags = {"world_sizes": ",".join(str(w) for w in metrics["world_sizes"]),
                     "restarts": str(len(metrics["restarts"]))}
             for n, resize in enumerate(metrics["resizes"], 1):
                 tags[f"resize.{n}"] = describe_resize(resize)
             for key, value in tags.items():
                 mlflow_client.set_tag(self.run_id, key, value)
-            for name in ("metrics.json", *report.FILES):
-                if os.path.exists(os.path.join(output, name)):
-                    mlflow_client.log_artifact(self.run_id, os.path.join(output, name))
             log_model(self.uri, self.run_id, model)  # ends the run: FINISHED
+
+
+def log_outcome(mlflow_client, run_id: str, metrics: dict, folder: str) -> None:
+    """A finished run's numbers and reports: each epoch of `metrics` (metrics.json's) not logged yet
+    (the controller's live logging failed, or a sync after an outage), the test metrics, and the
+    reports in `folder`."""
+    from trainer import report
+
+    logged = {m.step for m in mlflow_client.get_metric_history(run_id, "loss")}
+    for record in metrics.get("epochs", []):
+        if record["epoch"] not in logged:
+            log_epoch_with(mlflow_client, run_id, record)
+    last = metrics["epochs"][-1]["epoch"] if metrics.get("epochs") else 0
+    for key in ("test_loss", "test_accuracy"):
+        if isinstance(metrics.get(key), (int, float)):
+            mlflow_client.log_metric(run_id, key, float(metrics[key]), step=last)
+    for name in ("metrics.json", *report.FILES):
+        if os.path.exists(os.path.join(folder, name)):
+            mlflow_client.log_artifact(run_id, os.path.join(folder, name))
 
 
 def describe_resize(resize: dict) -> str:
@@ -425,8 +432,8 @@ def _register(mlflow_client, uri: str, cfg: Config, name: str, store, record: di
         run_id = mlflow_client.create_run(_experiment_id(mlflow_client, cfg.experiment, uri),
                                           run_name=record["version"], tags={"store_version": record["version"]}).info.run_id
     mlflow_client.set_tag(run_id, "model_logged_from", "the model store")
-    if isinstance(record.get("test_accuracy"), (int, float)):
-        mlflow_client.log_metric(run_id, "test_accuracy", float(record["test_accuracy"]))
+    with open(os.path.join(store.version_dir(record["version"]), "metrics.json")) as f:
+        log_outcome(mlflow_client, run_id, json.load(f), store.version_dir(record["version"]))
     log_model(uri, run_id, keras.saving.load_model(store.model_path(record["version"]), compile=False))
     return mlflow.register_model(f"runs:/{run_id}/{MODEL}", name, tags={"store_version": record["version"]})
 
