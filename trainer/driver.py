@@ -12,7 +12,6 @@ not retrained unless --force moves it aside.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -109,7 +108,7 @@ def prepare(cfg: Config) -> Plan:
         cluster.check_reachable(cluster.address(cfg))
     uri = tracking.tracking_uri(cfg, cfg.output)
     if uri:  # MLflow missing: one line, before any data work
-        tracking.require(uri, cfg.verbose)
+        tracking.check_installed(uri)
     start = _warm_start(cfg) if cfg.init_from else None  # a model that does not fit: before any data work
     storage_path = cfg.storage_path or os.path.abspath(os.path.join(cfg.output, "ray_results"))
     # A read-only or full disk fails here, in a second; a lost mount before the outputs are written.
@@ -308,12 +307,7 @@ def _previous_checkpoint(cfg: Config, run_dir: str):
 
 def _finished_outputs(run_dir: str) -> dict | None:
     """The published metrics of a run that finished (metrics.json is published last), else None."""
-    fs, path = storage.filesystem(storage.join(run_dir, PUBLISHED, "metrics.json"))
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
+    return storage.read_json(storage.join(run_dir, PUBLISHED, "metrics.json"))
 
 
 def _restore_model(cfg: Config, directory: str, train_rows: int):

@@ -16,7 +16,6 @@ metrics.json["restarts"]. Past --max-failures it prints nothing: the driver says
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import traceback
@@ -136,22 +135,13 @@ def explain(error: BaseException, restarts: int) -> str:
 
 def append_record(path: str, entry: dict) -> None:
     """Add `entry` to the JSON list at `path` (local or URI), replacing the file whole."""
-    from trainer.storage import filesystem
+    from trainer.storage import write_json
 
-    fs, target = filesystem(path)
-    entries = read_records(path)
-    entries.append({**entry, "workers": {str(k): v for k, v in entry["workers"].items()}})
-    with fs.open_output_stream(target) as f:
-        f.write(json.dumps(entries, indent=2).encode())
+    write_json(path, [*read_records(path), {**entry, "workers": {str(k): v for k, v in entry["workers"].items()}}])
 
 
 def read_records(path: str) -> list[dict]:
     """The restarts recorded at `path`; none if it is missing or unreadable."""
-    from trainer.storage import filesystem
+    from trainer.storage import read_json
 
-    fs, target = filesystem(path)
-    try:
-        with fs.open_input_stream(target) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return []
+    return read_json(path, default=[])

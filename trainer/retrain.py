@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(str(exc))
     try:
         if uri:  # MLflow missing: one line, before the lock and any data work
-            tracking.require(uri, cfg.verbose)
+            tracking.check_installed(uri)
     except tracking.TrackingError as exc:
         return cli.fail(str(exc), code=1)
     from trainer.checkpoint import CheckpointError

@@ -11,6 +11,7 @@ in the wrong place.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
@@ -99,6 +100,24 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def read_json(path: str, default=None):
+    """The JSON document at `path` (local or URI), or `default` if it is missing or unreadable."""
+    fs, target = filesystem(path)
+    try:
+        with fs.open_input_stream(target) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: str, value) -> None:
+    """`value` as JSON at `path` (local or URI), its folder made if missing; replaced whole."""
+    fs, target = filesystem(path)
+    fs.create_dir(posixpath.dirname(target), recursive=True)
+    with fs.open_output_stream(target) as f:
+        f.write(json.dumps(value, indent=2).encode())
 
 
 def join(base: str, *parts: str) -> str:

@@ -16,6 +16,8 @@ their own (scripts/mlflow.sh). Nothing imports MLflow unless tracking is on.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -59,22 +61,33 @@ def tracking_uri(cfg: Config, home: str) -> str | None:
     return uri
 
 
+def check_installed(uri: str) -> None:
+    """A TrackingError naming the install command if MLflow is not installed. Imports nothing: the
+    import (over a second) happens where the run opens, on a thread of its own."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise TrackingError(f"tracking to {uri} needs MLflow, which is not installed: {INSTALL} "
+                            "(or pass --no-tracking)")
+
+
 def require(uri: str, verbose: bool = False):
     """MLflow, imported and quiet (its log lines go to the log file unless --verbose), or a
     TrackingError naming the install command."""
-    try:
-        import mlflow
-    except ImportError:
-        raise TrackingError(f"tracking to {uri} needs MLflow, which is not installed: {INSTALL} "
-                            "(or pass --no-tracking)") from None
+    check_installed(uri)
+    import mlflow
+
+    _configure(verbose)
+    return mlflow
+
+
+@functools.cache  # once a process: the client is made for every call, and each epoch on the controller
+def _configure(verbose: bool) -> None:
     for name, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not verbose:
+        handler = logging.FileHandler(quiet.log_file())
         for name in ("mlflow", "alembic"):
-            logger = logging.getLogger(name)
-            logger.handlers = [logging.FileHandler(quiet.log_file())]
-            logger.propagate = False
-    return mlflow
+            logging.getLogger(name).handlers = [handler]
+            logging.getLogger(name).propagate = False
 
 
 def client(uri: str, verbose: bool = False):
@@ -273,16 +286,15 @@ def open_run(cfg: Config, run_dir: str, run_name: str, data_sha256: str, epochs_
     with tolerant(uri):
         mlflow_client = client(uri, cfg.verbose)
         experiment_id = _experiment_id(mlflow_client, cfg.experiment, uri)
-        run_id = _recorded_run(mlflow_client, run_dir, uri, experiment_id)
-        if run_id:
-            previous = mlflow_client.get_run(run_id).data.params
-            changed = {k: v for k, v in params(cfg.to_dict()).items() if previous.get(k, v) != v}
-            mlflow_client.log_batch(run_id, params=_param_list({k: v for k, v in params(cfg.to_dict()).items()
-                                                                 if k not in previous}))
-            resumes = int(mlflow_client.get_run(run_id).data.tags.get("resumes", "0")) + 1
+        config, previous = params(cfg.to_dict()), _recorded_run(mlflow_client, run_dir, uri, experiment_id)
+        if previous:
+            run_id, logged = previous.info.run_id, previous.data.params
+            changed = {k: v for k, v in config.items() if logged.get(k, v) != v}
+            mlflow_client.log_batch(run_id, params=_param_list({k: v for k, v in config.items() if k not in logged}))
+            resumes = int(previous.data.tags.get("resumes", "0")) + 1
             mlflow_client.set_tag(run_id, "resumes", str(resumes))
             mlflow_client.set_tag(run_id, f"resume.{resumes}", f"from epoch {epochs_done}" + (
-                "; changed: " + ", ".join(f"{k} {previous[k]} -> {v}" for k, v in changed.items()) if changed else ""))
+                "; changed: " + ", ".join(f"{k} {logged[k]} -> {v}" for k, v in changed.items()) if changed else ""))
             mlflow_client.update_run(run_id, status="RUNNING")
         else:
             tags = {"run_name": run_name, "run_dir": run_dir, "data_sha256": data_sha256,
@@ -291,8 +303,8 @@ def open_run(cfg: Config, run_dir: str, run_name: str, data_sha256: str, epochs_
                 tags["store"] = cfg.store
             run_id = mlflow_client.create_run(experiment_id, run_name=run_name,
                                               tags={k: str(v) for k, v in tags.items() if v}).info.run_id
-            mlflow_client.log_batch(run_id, params=_param_list(params(cfg.to_dict())))
-            _record_run(run_dir, uri, run_id)
+            mlflow_client.log_batch(run_id, params=_param_list(config))
+            storage.write_json(storage.join(run_dir, RUN_FILE), {"uri": uri, "run_id": run_id})
         link = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else uri
         print(f"tracking: MLflow run {run_id} in experiment {cfg.experiment} ({link})", flush=True)
         return Run(uri, cfg.experiment, experiment_id, run_id, cfg.verbose)
@@ -305,27 +317,16 @@ def _param_list(values: dict):
     return [Param(k, v) for k, v in values.items()]
 
 
-def _recorded_run(mlflow_client, run_dir: str, uri: str, experiment_id: str) -> str | None:
-    fs, path = storage.filesystem(storage.join(run_dir, RUN_FILE))
-    try:
-        with fs.open_input_stream(path) as f:
-            recorded = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    if recorded.get("uri") != uri:
+def _recorded_run(mlflow_client, run_dir: str, uri: str, experiment_id: str):
+    """The MLflow run <run>/mlflow_run.json names, if it is this URI's and this experiment's."""
+    recorded = storage.read_json(storage.join(run_dir, RUN_FILE)) or {}
+    if not isinstance(recorded, dict) or recorded.get("uri") != uri:
         return None
     try:
         run = mlflow_client.get_run(recorded["run_id"])
     except Exception:  # deleted, or another store that happens to share the URI's name
         return None
-    return run.info.run_id if run.info.experiment_id == experiment_id else None
-
-
-def _record_run(run_dir: str, uri: str, run_id: str) -> None:
-    fs, path = storage.filesystem(storage.join(run_dir, RUN_FILE))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps({"uri": uri, "run_id": run_id}).encode())
+    return run if run.info.experiment_id == experiment_id else None
 
 
 def open_run_soon(cfg: Config, *args) -> Future:
