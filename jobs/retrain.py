@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from trainer.retrain import main  # noqa: E402
+from trainer.promote.retrain import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
     python jobs/train_mnist.py --data ../shared/data/mnist --num-workers 2
 
 Full MNIST with the defaults (mlp, 5 epochs, global batch 128) on 2 workers: test accuracy about
-0.98 (the README has measured times). Writes models/mnist.keras, mnist.h5 and metrics.json.
+0.98 (measured times: docs/performance.md). Writes models/mnist.keras, mnist.h5 and metrics.json.
 With --address or $RAY_ADDRESS (as under `ray job submit`) it joins that cluster; otherwise it
 starts a local Ray on 127.0.0.1.
 """
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from trainer.cli import main  # noqa: E402
+from trainer.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ fi
 STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)${EXTRAS:+-$EXTRAS}"
 INSTALLED=""
 if [ ! -f "$STAMP" ]; then
-  echo "installing the project into $VENV (first run: about 90 s; pip's output in $VENV/install.log)" >&2
+  echo "installing the project into $VENV (first run: a few minutes, docs/performance.md; pip's output in $VENV/install.log)" >&2
   if ! { "$VENV/bin/python" -m pip install --quiet --upgrade pip &&
          "$VENV/bin/python" -m pip install --quiet -e "$ROOT${EXTRAS:+[$EXTRAS]}"; } > "$VENV/install.log" 2>&1; then
     tail -n 20 "$VENV/install.log" >&2

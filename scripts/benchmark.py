@@ -16,7 +16,7 @@ Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for 
      (scripts/start_cluster.sh, not timed): start counts from the submit command
 For each: seconds per epoch (median of epochs 2..N), samples/s, start to first training step,
 wall time, peak resident memory of a worker process, test accuracy, console lines; for job runs
-also the timeline (trainer/timeline.py) and, for in-process runs, the CPU seconds per epoch of every
+also the timeline (trainer/common/timeline.py) and, for in-process runs, the CPU seconds per epoch of every
 process around the training workers. Prints them as ratios to (a) and writes
 <output>/benchmark.json and benchmark.png (throughput against worker count).
 """
@@ -37,9 +37,10 @@ import sys
 import time
 
 from cpu_sampler import CpuSampler  # scripts/, beside this file
-from trainer.cli import script_parser
-from trainer.outputs import write_bytes_atomic, write_json_atomic
-from trainer.timeline import format_timeline
+
+from trainer.common.atomic import write_bytes_atomic, write_json_atomic
+from trainer.common.cli import script_parser
+from trainer.common.timeline import format_timeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,8 +157,9 @@ def run_benchmark(args) -> dict:
 
 def _prepare_data(data: str, storage: str) -> tuple[float, int]:
     """Validate the data and write the job's Parquet shards where its runs will look: (s, train rows)."""
-    from trainer import data as mnist_data, storage as storage_paths
-    from trainer.driver import DATA_DIR
+    from trainer.common import fs as storage_paths
+    from trainer.data import shards as mnist_data
+    from trainer.train.plan import DATA_DIR
 
     started = time.perf_counter()
     try:
@@ -165,7 +167,7 @@ def _prepare_data(data: str, storage: str) -> tuple[float, int]:
                                             storage_paths.join(storage, DATA_DIR))
     except (mnist_data.DataError, ValueError) as exc:
         raise BenchmarkError(str(exc)) from None
-    return time.perf_counter() - started, manifest["splits"]["train"]["rows"]
+    return time.perf_counter() - started, manifest.rows("train")
 
 
 def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str], output: str,

@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 
-from trainer.cli import script_parser
-from trainer.outputs import write_json_atomic
+from trainer.common.atomic import write_json_atomic
+from trainer.common.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")
@@ -99,8 +99,8 @@ def run_job(data: str, epochs: int, address: str, output: str, extra: list[str],
 
 def prepare_once(data: str, storage: str) -> None:
     """Write a non-Parquet source's shards where the job looks, untimed (a user's second run reuses them)."""
-    from trainer import data as mnist_data
-    from trainer.driver import DATA_DIR
+    from trainer.data import shards as mnist_data
+    from trainer.train.plan import DATA_DIR
 
     if not mnist_data.is_parquet_dir(data):
         mnist_data.prepare(data, os.path.join(storage, DATA_DIR))
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such data: {missing[0]}")
     import ray
 
-    from trainer import cluster
     from trainer.config import Config
+    from trainer.train import cluster
 
     os.makedirs(args.output, exist_ok=True)
     rows = []

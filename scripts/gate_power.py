@@ -1,4 +1,4 @@
-"""What the promotion gate (trainer/gate.py) decides on simulated pairs of models: how often it rejects
+"""What the promotion gate (trainer/promote/gate.py) decides on simulated pairs of models: how often it rejects
 an equally good model (false rejections), and how often it catches a worse one (power).
 
     python scripts/gate_power.py                 # 2,000 trials a scenario, about 25 s
@@ -20,9 +20,9 @@ import sys
 
 import numpy as np
 
-from trainer.cli import script_parser
-from trainer.gate import compare
-from trainer.policy import Policy
+from trainer.common.cli import script_parser
+from trainer.promote.gate import compare
+from trainer.promote.policy import Policy
 
 LABELS = np.repeat(np.arange(10), 1000)
 ACCURACY = 0.98  # the default recipe's
@@ -73,12 +73,13 @@ def rejection_rate(scenario: str, trials: int, seed: int = 0, policy: Policy = P
 
 def real_pairs(paths: list[str], data: str | None, policy: Policy) -> None:
     """The gate on every ordered pair of trained models (current, candidate), on one test split."""
-    from trainer import data as data_module, quiet
+    from trainer.common import quiet
+    from trainer.data import shards as data_module
 
     quiet.import_tensorflow()
     import keras
 
-    from trainer.model import evaluate
+    from trainer.model.network import evaluate
 
     mnist = data_module.load(data_module.resolve_source(data))
     predicted = {p: evaluate(keras.saving.load_model(p), mnist.x_test, mnist.y_test)[2].argmax(axis=1) for p in paths}

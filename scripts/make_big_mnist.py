@@ -25,9 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from scipy import ndimage
 
-from trainer import data
-from trainer.cli import script_parser
-from trainer.mnist import IMAGE_SHAPE
+from trainer.common.cli import script_parser
+from trainer.data import shards
+from trainer.data.mnist import IMAGE_SHAPE
 
 MAX_SHIFT = 1.0  # pixels, each axis
 MAX_ROTATION = np.radians(8.0)
@@ -109,21 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --rows, --rows-per-file and --processes must be at least 1", file=sys.stderr)
         return 2
     try:
-        source = data.load(data.resolve_source(args.data))
+        source = shards.load(shards.resolve_source(args.data))
         x, y = source.split("train")
         pieces = training_files(x, y, args.rows, args.rows_per_file, args.seed, args.processes)
         x_test, y_test = source.split("test")
-        test = data.pieces(x_test, y_test, args.rows_per_file)
+        test = shards.pieces(x_test, y_test, args.rows_per_file)
         started = time.monotonic()
-        manifest = data.write_shards(args.output, {"train": (args.rows, pieces), "test": (len(x_test), test)},
+        manifest = shards.write_shards(args.output, {"train": (args.rows, pieces), "test": (len(x_test), test)},
                                      args.rows_per_file)
-    except (data.DataError, OSError) as exc:
+    except (shards.DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     seconds = time.monotonic() - started
     print(f"wrote {args.output}: {args.rows:,} training rows in {seconds:.1f} s ({args.rows / seconds:,.0f} rows/s, "
           f"{args.processes} processes) "
-          f"and {len(x_test):,} test rows, sha256 {manifest['content_sha256']}")
+          f"and {len(x_test):,} test rows, sha256 {manifest.content_sha256}")
     return 0
 
 

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from trainer import data
-from trainer.cli import script_parser
+from trainer.common.cli import script_parser
+from trainer.data import shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--test", type=int, default=1000)
     args = parser.parse_args(argv)
-    full = data.load(data.resolve_source(args.data))
+    full = shards.load(shards.resolve_source(args.data))
     rng = np.random.default_rng(0)
     train = np.sort(rng.choice(len(full.x_train), args.train, replace=False))
     test = np.sort(rng.choice(len(full.x_test), args.test, replace=False))

@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 STAMP="$VENV/.installed-${MLFLOW}"
 if [ ! -f "$STAMP" ]; then
-  echo "installing $MLFLOW into $VENV (first run: about a minute; pip's output in $VENV/install.log)" >&2
+  echo "installing $MLFLOW into $VENV (first run: about a minute of the first install, docs/performance.md; pip's output in $VENV/install.log)" >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   if ! "$VENV/bin/python" -m pip install --quiet "$MLFLOW" > "$VENV/install.log" 2>&1; then
     tail -n 20 "$VENV/install.log" >&2

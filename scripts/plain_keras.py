@@ -2,7 +2,7 @@
 
     python scripts/plain_keras.py --data ../shared/data/mnist [--save mnist.keras]
 
-Same model, optimizer and recipe as the distributed job (trainer.model.build_model), no Ray.
+Same model, optimizer and recipe as the distributed job (trainer.model.network.build_model), no Ray.
 Prints per-epoch seconds, the test accuracy and the wall time, and a JSON summary line.
 """
 
@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
-from trainer import quiet
-from trainer.cli import script_parser
+from trainer.common import quiet
+from trainer.common.cli import script_parser
 from trainer.config import MODELS, Config
 
 
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
 
-    from trainer import data
-    from trainer.model import build_model, preprocess
+    from trainer.data import shards
+    from trainer.model.network import build_model, preprocess
 
-    mnist = data.load(data.resolve_source(args.data))
+    mnist = shards.load(shards.resolve_source(args.data))
     cfg = Config(model=args.model, epochs=args.epochs, batch_size=args.batch_size, num_workers=1)
     x_train, y_train = preprocess(mnist.x_train, mnist.y_train)
     x_test, y_test = preprocess(mnist.x_test, mnist.y_test)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(f"test accuracy: {accuracy:.4f}")
     if args.save:
-        from trainer.outputs import save_model_atomic
+        from trainer.common.atomic import save_model_atomic
 
         save_model_atomic(model, args.save)
         print(f"model saved to {args.save}")

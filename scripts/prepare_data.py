@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from trainer import data
-from trainer.cli import script_parser
+from trainer.common.cli import script_parser
+from trainer.data import shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     args = parser.parse_args(argv)
     try:
-        manifest = data.write_parquet(data.load(data.resolve_source(args.data)), args.out, args.rows_per_file)
-    except data.DataError as exc:
+        manifest = shards.write_parquet(shards.load(shards.resolve_source(args.data)), args.out, args.rows_per_file)
+    except shards.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    rows = {split: info["rows"] for split, info in manifest["splits"].items()}
-    print(f"wrote {args.out}: {rows}, sha256 {manifest['content_sha256']}")
+    rows = {split: info.rows for split, info in manifest.splits.items()}
+    print(f"wrote {args.out}: {rows}, sha256 {manifest.content_sha256}")
     return 0
 
 

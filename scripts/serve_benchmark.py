@@ -3,7 +3,7 @@
     python scripts/serve_benchmark.py --model models/mnist.keras      # about 3 minutes
 
 For each app (1 replica, 2 replicas, and 1 replica with batching off: --max-batch 1) started as
-`python -m trainer.serve` on a free loopback port, and each count of concurrent clients (threads
+`python -m trainer.serve.app` on a free loopback port, and each count of concurrent clients (threads
 posting one 28x28 test digit at a time, keep-alive off as curl does): requests per second, p50 and
 p99 latency over --seconds, after a second of warm-up. The baseline, measured first in this process:
 model.predict on one image in a plain Python loop. Prints the table with each rate as a ratio to it.
@@ -22,7 +22,7 @@ import urllib.request
 
 import numpy as np
 
-from trainer.cli import script_parser
+from trainer.common.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "data", "mnist_sample.npz")
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def baseline(model_path: str, digit: np.ndarray, seconds: float) -> dict:
     """model.predict on one image at a time, in a loop: the plain Python way to serve it."""
-    from trainer.predict import load_model
+    from trainer.track.models import load_model
 
     model, x = load_model(model_path), digit.reshape(1, 784).astype(np.float32) / 255.0
     model.predict(x, verbose=0)
@@ -90,7 +90,7 @@ def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
 
 def serve(model_path: str, flags: list[str], log: str):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", "--model", model_path, "--port", str(port), *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve.app", "--model", model_path, "--port", str(port), *flags],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while True:

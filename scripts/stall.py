@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from trainer.cli import script_parser
+from trainer.common.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv (first run: about a minute) and run the training job; flags pass through.
+# Set up .venv (first run: a few minutes, docs/performance.md) and run the training job; flags pass through.
 #   bash scripts/train.sh --data ../shared/data/mnist --num-workers 2
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" ""
 cd "$ROOT"

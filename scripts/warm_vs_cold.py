@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from trainer.cli import script_parser
+from trainer.common.cli import script_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "train_mnist.py")
@@ -44,9 +44,9 @@ def run_job(out: str, name: str, *args: str) -> tuple[dict, float]:
 
 def per_epoch_accuracy(out: str, name: str, mnist) -> dict[int, float]:
     """Test accuracy of each epoch's checkpoint of run `name`."""
-    from trainer import checkpoint
     from trainer.config import Config
-    from trainer.model import build_model, evaluate
+    from trainer.model.network import build_model, evaluate
+    from trainer.train import checkpoint
 
     run_dir, scores = os.path.join(out, "runs", name), {}
     for entry in sorted(os.listdir(run_dir)):
@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="/tmp/warm-vs-cold", help="a scratch folder (emptied first)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each run")
     args = parser.parse_args(argv)
-    from trainer import data, quiet
+    from trainer.common import quiet
+    from trainer.data import shards
 
     if not args.data:
         return parser.error("give --data (full MNIST) or set MNIST_DATA")
-    mnist = data.load(data.resolve_source(args.data))
+    mnist = shards.load(shards.resolve_source(args.data))
     if len(mnist.x_train) <= BASE_ROWS:
         return parser.error(f"--data has {len(mnist.x_train)} training images; this needs more than {BASE_ROWS}")
     subprocess.run(["rm", "-rf", args.out], check=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.policy import PASSED
+from trainer.store.record import VersionRecord
+from trainer.store.versions import PASSED
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "mnist_sample.npz"  # 3,000 train + 1,000 test real MNIST digits
@@ -177,10 +178,11 @@ def assert_each_epoch_once_with_a_restart(metrics):
 def add_version(store, decision: str = PASSED, accuracy: float = 0.98,
                 data_sha256: str = "a" * 64, model=None, when=None,
                 config: dict | None = None, parent: str | None = None) -> str:
-    """Register a version in a trainer.store.Store as retrain does; dummy model files unless a Keras
+    """Register a version in a trainer.store.model_store.Store as retrain does; dummy model files unless a Keras
     model is given. A passed version is promoted."""
-    from trainer.outputs import save_model_atomic
-    from trainer.policy import iso, new_version_id, utc_now
+    from trainer.common.atomic import save_model_atomic
+    from trainer.common.clock import iso, utc_now
+    from trainer.store.versions import new_version_id
 
     vid = new_version_id(when)
     staging = store.new_staging(vid)
@@ -193,9 +195,9 @@ def add_version(store, decision: str = PASSED, accuracy: float = 0.98,
                 f.write("not a model")
     with open(os.path.join(staging, "metrics.json"), "w") as f:
         json.dump({"test_accuracy": accuracy}, f)
-    store.register(vid, {"version": vid, "decision": decision, "reason": f"{decision} on purpose",
-                         "test_accuracy": accuracy, "started": iso(when or utc_now()),
-                         "data": {"content_sha256": data_sha256}, "config": config or {}, "parent": parent})
+    store.register(VersionRecord(vid, decision=decision, reason=f"{decision} on purpose", test_accuracy=accuracy,
+                                 started=iso(when or utc_now()), data={"content_sha256": data_sha256},
+                                 config=config or {}, parent=parent))
     if decision == PASSED:
         store.promote(vid)
     return vid

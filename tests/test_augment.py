@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import SAMPLE, read_metrics
 from trainer.config import Config
-from trainer.model import augmentation, build_model, preprocess
+from trainer.model.network import augmentation, build_model, preprocess
 
 
 @pytest.fixture(scope="module")

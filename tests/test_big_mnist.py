@@ -13,13 +13,13 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from tests.conftest import ROOT, SAMPLE
-from trainer import data
-from trainer.mnist import content_hash
+from trainer.data import shards
+from trainer.data.mnist import content_hash
 
 spec = importlib.util.spec_from_file_location("make_big_mnist", ROOT / "scripts" / "make_big_mnist.py")
 make_big_mnist = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(make_big_mnist)
-SOURCE = data.load(str(SAMPLE))  # 3,000 train + 1,000 test
+SOURCE = shards.load(str(SAMPLE))  # 3,000 train + 1,000 test
 
 
 def make(path, rows, *flags):
@@ -31,10 +31,10 @@ def make(path, rows, *flags):
 def test_the_rows_are_the_originals_then_distortions_that_keep_their_digit(tmp_path, capsys):
     assert make(tmp_path / "big", 7500, "--rows-per-file", "2000") == 0
     assert "7,500 training rows" in capsys.readouterr().out
-    manifest = data.read_manifest(str(tmp_path / "big"))
-    big = data.load_parquet(str(tmp_path / "big"))  # checks the manifest's hash against the rows read
-    assert manifest["content_sha256"] == content_hash(big)
-    assert [f["rows"] for f in manifest["splits"]["train"]["files"]] == [2000, 2000, 2000, 1500]
+    manifest = shards.read_manifest(str(tmp_path / "big"))
+    big = shards.load_parquet(str(tmp_path / "big"))  # checks the manifest's hash against the rows read
+    assert manifest.content_sha256 == content_hash(big)
+    assert [f["rows"] for f in manifest.files("train")] == [2000, 2000, 2000, 1500]
     (x, y), (x0, y0) = big.split("train"), SOURCE.split("train")
     source = np.arange(7500) % 3000
     assert np.array_equal(y, y0[source]) and np.array_equal(x[:3000], x0)
@@ -56,9 +56,9 @@ def test_the_same_flags_give_the_same_data_and_fewer_rows_a_prefix(tmp_path):
     assert make(tmp_path / "b", 6000, "--rows-per-file", "1500") == 0
     assert make(tmp_path / "c", 4500, "--rows-per-file", "1500") == 0
     assert make(tmp_path / "d", 6000, "--rows-per-file", "1500", "--seed", "1") == 0
-    a, b, c, d = (data.read_manifest(str(tmp_path / n))["content_sha256"] for n in "abcd")
+    a, b, c, d = (shards.read_manifest(str(tmp_path / n)).content_sha256 for n in "abcd")
     assert a == b and len({a, c, d}) == 3
-    xa, xc = data.load_parquet(str(tmp_path / "a")).split("train")[0], data.load_parquet(str(tmp_path / "c")).split("train")[0]
+    xa, xc = shards.load_parquet(str(tmp_path / "a")).split("train")[0], shards.load_parquet(str(tmp_path / "c")).split("train")[0]
     assert np.array_equal(xa[:4500], xc)  # each file from its own seed: a file can be made again alone
 
 
@@ -69,7 +69,7 @@ def test_processes_make_the_same_data_as_one(tmp_path):
                           "--output", str(tmp_path / "three")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "3 processes" in run.stdout
-    one, three = (data.read_manifest(str(tmp_path / n))["content_sha256"] for n in ("one", "three"))
+    one, three = (shards.read_manifest(str(tmp_path / n)).content_sha256 for n in ("one", "three"))
     assert one == three and three in run.stdout
 
 

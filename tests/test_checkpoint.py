@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
 from trainer.config import Config
-from trainer.model import build_model, preprocess
+from trainer.model.network import build_model, preprocess
+from trainer.train import checkpoint
+from trainer.train.checkpoint import CheckpointError
 
 
 def fresh_model(cfg):

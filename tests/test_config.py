@@ -1,5 +1,7 @@
-import ast
+import argparse
 import dataclasses
+import json
+import os
 import re
 import subprocess
 import sys
@@ -7,8 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from trainer.cli import build_parser, config_from_args, main
 from trainer.config import Config, rank_batch, steps_per_epoch
+from trainer.train.cli import build_parser, config_from_args, main
 
 
 def test_defaults_are_the_tutorial_recipe():
@@ -81,31 +83,96 @@ def test_cli_rejects_unknown_model_name():
     assert info.value.code == 2
 
 
-def test_every_command_prints_its_help(capsys):
-    """argparse formats help strings with %, so a stray '%' in a field's help breaks --help."""
-    from trainer import predict, retrain
+def _commands():
+    from trainer.promote import retrain
+    from trainer.serve import predict
+    from trainer.train import cli
 
-    for command in (main, retrain.main, predict.main):
-        with pytest.raises(SystemExit) as exit_info:
-            command(["--help"])
-        assert exit_info.value.code == 0
-        assert "--" in capsys.readouterr().out
+    return {"train": (main, cli.build_parser), "retrain": (retrain.main, retrain.build_parser),
+            "predict": (predict.main, predict.build_parser)}
 
 
-SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py")
-                 if "__main__" in p.read_text())
+@pytest.mark.parametrize("command", ["train", "retrain", "predict"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats help strings with %, so a stray '%' in a field's help breaks --help. Each
+    command's --help prints its parser's whole help, every flag in it, and exits 0."""
+    run, build = _commands()[command]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    parser = build()
+    assert out == parser.format_help()
+    options = [o for action in parser._actions for o in action.option_strings if action.help != argparse.SUPPRESS]
+    assert len(options) > 2 and all(option in out for option in options), options  # more than -h, --help
+
+
+# Runs a file of scripts/ as `python scripts/NAME.py --help` would (scripts/ first on sys.path, the
+# project from its installation), recording every argparse parser made, which of them script_parser
+# made and for which module, and which printed the help; the report goes to a file, stdout is the help.
+RUN_WITH_HELP = r"""
+import argparse, json, os, runpy, sys
+from trainer.common import cli
+
+script, report = sys.argv[1], sys.argv[2]
+parsers, printed, inside = [], [], []
+real_init, real_print_help, real_script_parser = (argparse.ArgumentParser.__init__,
+                                                  argparse.ArgumentParser.print_help, cli.script_parser)
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    parsers.append({"id": id(self), "script_parser": inside[-1] if inside else None})
+
+def print_help(self, file=None):
+    printed.append(id(self))
+    return real_print_help(self, file)
+
+def script_parser(doc):
+    caller = sys._getframe(1).f_globals
+    inside.append({"doc": doc, "caller_file": caller.get("__file__"), "caller_doc": caller.get("__doc__")})
+    try:
+        return real_script_parser(doc)
+    finally:
+        inside.pop()
+
+argparse.ArgumentParser.__init__, argparse.ArgumentParser.print_help = init, print_help
+cli.script_parser = script_parser
+sys.path[0] = os.path.dirname(script)
+sys.argv = [script, "--help"]
+try:
+    runpy.run_path(script, run_name="__main__")
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+sys.stdout.flush()
+with open(report, "w") as f:
+    json.dump({"exit": code, "parsers": parsers, "printed": printed}, f)
+"""
+
+SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_every_script_prints_its_docstring_as_help_from_the_one_parser(script):
+def test_every_script_prints_its_docstring_as_help_from_the_one_parser(script, tmp_path):
     """Each script in scripts/ imports cleanly (no sys.path set-up: the project is installed) and
-    starts from cli.script_parser: --help shows the docstring as written, defaults not repeated."""
-    source = script.read_text()
-    assert "script_parser(__doc__)" in source and "ArgumentParser(" not in source
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    docstring = ast.get_docstring(ast.parse(source), clean=False).strip()
-    assert docstring.splitlines()[0] in done.stdout and "(default: None)" not in done.stdout
+    starts from common.cli.script_parser: --help shows the docstring as written, defaults not repeated.
+    A file that, run so, prints nothing and makes no parser is a module the scripts import
+    (cpu_sampler.py), not a command."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-c", RUN_WITH_HELP, str(script), str(report)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and report.exists(), done.stderr[-2000:]
+    ran = json.loads(report.read_text())
+    assert ran["exit"] in (0, None), done.stderr[-2000:]
+    if not ran["parsers"] and not ran["printed"] and not done.stdout:
+        return  # a module, not a command
+    assert all(p["script_parser"] is not None for p in ran["parsers"]), ran  # no parser of its own
+    (helped,) = [p for p in ran["parsers"] if p["id"] in ran["printed"]]
+    made = helped["script_parser"]
+    assert os.path.samefile(made["caller_file"], script)  # the script's own parser,
+    assert made["doc"] == made["caller_doc"] and made["doc"].strip()  # from its own docstring,
+    assert made["doc"].strip() in done.stdout  # shown as written (line breaks and indents kept)
+    assert "(default: None)" not in done.stdout
 
 
 def test_the_data_path_is_picked_by_size_unless_forced():
@@ -145,7 +212,7 @@ def test_cli_rejects_a_global_and_a_per_worker_batch_that_disagree(capsys):
 
 
 def test_learning_rate_scales_with_the_global_batch():
-    from trainer.lr_schedule import learning_rate, scaled_rate
+    from trainer.model.lr_schedule import learning_rate, scaled_rate
 
     assert learning_rate(Config()) == 0.001  # the tutorial's plain float rate, unchanged
     assert scaled_rate(Config(batch_size=1024, lr_scaling="none")) == pytest.approx(0.001)
@@ -181,9 +248,9 @@ def test_warm_up_ramps_per_step_then_holds_and_survives_checkpoint_and_save(tmp_
 
     import numpy as np
 
-    from trainer import checkpoint
-    from trainer.lr_schedule import learning_rate
-    from trainer.model import build_model
+    from trainer.model.lr_schedule import learning_rate
+    from trainer.model.network import build_model
+    from trainer.train import checkpoint
 
     cfg = Config(batch_size=1024, lr_scaling="linear", warmup_epochs=2)
     rates = [float(learning_rate(cfg, steps_per_epoch=10)(step)) for step in (0, 10, 20, 21, 500)]
@@ -211,8 +278,8 @@ def test_warm_up_ramps_per_step_then_holds_and_survives_checkpoint_and_save(tmp_
 def test_what_each_setting_shapes_is_marked_once_and_read_by_resume_and_retraining():
     """Resume refuses a changed recipe; retraining's "nothing changed" check ignores where and how a
     run executed. Both lists come from the marks on Config's fields."""
-    from trainer.driver import RESUME_KEYS
-    from trainer.policy import LEARNED_FROM, fingerprint
+    from trainer.promote.policy import LEARNED_FROM, fingerprint
+    from trainer.train.driver import RESUME_KEYS
 
     assert set(RESUME_KEYS) == {"model", "batch_size", "learning_rate", "lr_scaling", "warmup_epochs",
                                 "seed", "augment"}
@@ -244,7 +311,7 @@ def test_every_field_type_parses_from_the_command_line_and_is_validated():
     (Config(num_workers=2, cpus_per_worker=2), {"CPU": 4}, None),  # every CPU may go to a worker
 ])
 def test_the_cluster_must_hold_the_fixed_count_or_an_elastic_minimum(cfg, total, message):
-    from trainer.cluster import shortfall
+    from trainer.train.cluster import shortfall
 
     problem = shortfall(total, cfg)
     assert problem is None if message is None else problem.startswith(message) or message in problem, problem

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE
-from trainer import data
-from trainer.data import DataError
-from trainer.idx import IDX_NAMES
+from trainer.data import shards
+from trainer.data.idx import IDX_NAMES
+from trainer.data.shards import DataError
 
 
 @pytest.fixture(scope="module")
-def sample() -> data.Mnist:
-    return data.load(str(SAMPLE))
+def sample() -> shards.Mnist:
+    return shards.load(str(SAMPLE))
 
 
 def write_idx(path, array, magic=None, gz=True):
@@ -39,31 +39,31 @@ def test_npz_sample_is_valid_mnist(sample):
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_directory_matches_npz(tmp_path, sample, gz):
-    loaded = data.load(str(write_idx_dir(tmp_path / "idx", sample, gz=gz)))
-    assert data.content_hash(loaded) == data.content_hash(sample)
+    loaded = shards.load(str(write_idx_dir(tmp_path / "idx", sample, gz=gz)))
+    assert shards.content_hash(loaded) == shards.content_hash(sample)
 
 
 def test_parquet_round_trip_with_manifest(tmp_path, sample):
-    manifest = data.write_parquet(sample, str(tmp_path / "pq"), rows_per_file=1000)
-    assert manifest["splits"]["train"]["rows"] == 3000 and len(manifest["splits"]["train"]["files"]) == 3
-    assert manifest["content_sha256"] == data.content_hash(sample)
-    assert sum(manifest["splits"]["test"]["label_counts"]) == 1000
-    loaded = data.load(str(tmp_path / "pq"))
-    assert data.content_hash(loaded) == data.content_hash(sample)
+    manifest = shards.write_parquet(sample, str(tmp_path / "pq"), rows_per_file=1000)
+    assert manifest.rows("train") == 3000 and len(manifest.files("train")) == 3
+    assert manifest.content_sha256 == shards.content_hash(sample)
+    assert sum(manifest.splits["test"].label_counts) == 1000
+    loaded = shards.load(str(tmp_path / "pq"))
+    assert shards.content_hash(loaded) == shards.content_hash(sample)
 
 
 def test_prepare_writes_shards_once_and_reuses_them(tmp_path, sample):
-    first, _, manifest = data.prepare(str(SAMPLE), str(tmp_path / "cache"))
+    first, _, manifest = shards.prepare(str(SAMPLE), str(tmp_path / "cache"))
     mtime = (tmp_path / "cache").stat().st_mtime_ns
-    second, _, again = data.prepare(str(SAMPLE), str(tmp_path / "cache"))
+    second, _, again = shards.prepare(str(SAMPLE), str(tmp_path / "cache"))
     assert first == second and manifest == again and (tmp_path / "cache").stat().st_mtime_ns == mtime
-    assert data.prepare(first, str(tmp_path / "other"))[0] == first  # a Parquet source is used in place
+    assert shards.prepare(first, str(tmp_path / "other"))[0] == first  # a Parquet source is used in place
 
 
 def test_write_parquet_refuses_to_overwrite(tmp_path, sample):
-    data.write_parquet(sample, str(tmp_path / "pq"))
+    shards.write_parquet(sample, str(tmp_path / "pq"))
     with pytest.raises(DataError, match="already exists"):
-        data.write_parquet(sample, str(tmp_path / "pq"))
+        shards.write_parquet(sample, str(tmp_path / "pq"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left behind
 
 
@@ -115,7 +115,7 @@ def test_bad_idx_inputs_give_clear_errors(tmp_path, sample, case, message):
     elif case == "missing":
         (d / (IDX_NAMES[("test", "labels")] + ".gz")).unlink()
     with pytest.raises(DataError, match=message) as info:
-        data.load(str(d))
+        shards.load(str(d))
     assert "\n" not in str(info.value)
 
 
@@ -130,37 +130,37 @@ def test_bad_npz_arrays_give_clear_errors(tmp_path, sample, arrays, message):
               "x_test": sample.x_test, "y_test": sample.y_test, **arrays}
     np.savez(tmp_path / "bad.npz", **values)
     with pytest.raises(DataError, match=message):
-        data.load(str(tmp_path / "bad.npz"))
+        shards.load(str(tmp_path / "bad.npz"))
 
 
 def test_npz_missing_keys_and_non_npz_files(tmp_path, sample):
     np.savez(tmp_path / "partial.npz", x_train=sample.x_train)
     with pytest.raises(DataError, match="lacks y_train, x_test, y_test"):
-        data.load(str(tmp_path / "partial.npz"))
+        shards.load(str(tmp_path / "partial.npz"))
     (tmp_path / "notes.txt").write_text("not MNIST")
     with pytest.raises(DataError, match="not a readable .npz"):
-        data.load(str(tmp_path / "notes.txt"))
+        shards.load(str(tmp_path / "notes.txt"))
     with pytest.raises(DataError, match="does not exist; pass --data or set MNIST_DATA"):
-        data.load(str(tmp_path / "nowhere"))
+        shards.load(str(tmp_path / "nowhere"))
 
 
 def test_tampered_parquet_is_rejected(tmp_path, sample):
     pq_dir = tmp_path / "pq"
-    data.write_parquet(sample, str(pq_dir), rows_per_file=1000)
+    shards.write_parquet(sample, str(pq_dir), rows_per_file=1000)
     manifest = json.loads((pq_dir / "manifest.json").read_text())
     manifest["content_sha256"] = "0" * 64
     (pq_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="content hash does not match"):
-        data.load(str(pq_dir))
+        shards.load(str(pq_dir))
     manifest["splits"]["train"]["files"][0]["rows"] = 999
     (pq_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="1000 rows, manifest says 999"):
-        data.load(str(pq_dir))
+        shards.load(str(pq_dir))
     (pq_dir / "train" / "part-00001.parquet").write_bytes(b"PAR1 truncated")
     manifest["splits"]["train"]["files"][0]["rows"] = 1000
     (pq_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="part-00001.parquet: unreadable Parquet shard"):
-        data.load(str(pq_dir))
+        shards.load(str(pq_dir))
 
 
 def test_download_failure_names_data_flag_and_env(tmp_path, monkeypatch):
@@ -170,15 +170,15 @@ def test_download_failure_names_data_flag_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.delenv("MNIST_DATA", raising=False)
     with pytest.raises(DataError, match="could not download MNIST.*pass --data PATH or set MNIST_DATA"):
-        data.load(data.resolve_source(None))
+        shards.load(shards.resolve_source(None))
 
 
 def test_source_resolution_prefers_flag_then_env(monkeypatch):
     monkeypatch.setenv("MNIST_DATA", "/from/env")
-    assert data.resolve_source("/from/flag") == "/from/flag"
-    assert data.resolve_source(None) == "/from/env"
+    assert shards.resolve_source("/from/flag") == "/from/flag"
+    assert shards.resolve_source(None) == "/from/env"
     monkeypatch.delenv("MNIST_DATA")
-    assert data.resolve_source(None) is None
+    assert shards.resolve_source(None) is None
 
 
 def test_an_unreachable_object_store_is_a_one_line_error(tmp_path):
@@ -199,8 +199,8 @@ def test_a_run_that_fails_on_bad_data_leaves_the_callers_environment_as_it_was(t
     import logging
     import os
 
-    from trainer import driver
     from trainer.config import Config
+    from trainer.train import driver
 
     (tmp_path / "junk.npz").write_bytes(b"junk")
     before, level = dict(os.environ), logging.getLogger("ray.train").level
@@ -212,8 +212,8 @@ def test_a_run_that_fails_on_bad_data_leaves_the_callers_environment_as_it_was(t
 def test_the_ray_settings_are_set_for_the_block_and_never_override_the_users(monkeypatch):
     import os
 
-    from trainer import cluster
     from trainer.config import Config
+    from trainer.train import cluster
 
     monkeypatch.setenv("RAY_worker_niceness", "5")
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
@@ -223,11 +223,11 @@ def test_the_ray_settings_are_set_for_the_block_and_never_override_the_users(mon
 
 
 def test_the_prepare_step_checks_and_plans_a_run_without_ray(tmp_path):
-    from trainer import driver
     from trainer.config import Config
+    from trainer.train import driver
 
     plan = driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), run_name="r"))
     assert plan.train_rows == 3000 and len(plan.test[1]) == 1000 and not plan.streaming
-    assert plan.run_dir == str(tmp_path / "out" / "ray_results" / "r") and data.is_parquet_dir(plan.parquet_dir)
+    assert plan.run_dir == str(tmp_path / "out" / "ray_results" / "r") and shards.is_parquet_dir(plan.parquet_dir)
     with pytest.raises(ValueError, match="3000 training rows split over 2 workers is less than one batch of 2048"):
         driver.prepare(Config(data=str(SAMPLE), output=str(tmp_path / "out"), batch_size=4096))

@@ -1,4 +1,4 @@
-"""Data checks before training (trainer/data_checks.py): the committed sample (real MNIST digits),
+"""Data checks before training (trainer/data/checks.py): the committed sample (real MNIST digits),
 altered the ways bad data arrives, against the profile of the unaltered sample. Then the same
 refusals through jobs/retrain.py on a store whose current version holds that profile: one line, exit
 status 4, a "refused" record, nothing moved. No Ray, no TensorFlow (a refusal comes before both).
@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE, job_env
-from trainer import promotion
-from trainer.data import load_npz
-from trainer.data_checks import Limits, compare, overlap, profile
-from trainer.mnist import Mnist
-from trainer.policy import PASSED, iso, new_version_id, utc_now
-from trainer.store import Store
+from trainer.common.clock import iso, utc_now
+from trainer.data.checks import Limits, compare, overlap, profile
+from trainer.data.mnist import Mnist
+from trainer.data.shards import load_npz
+from trainer.promote import promotion
+from trainer.store.model_store import Store
+from trainer.store.record import VersionRecord
+from trainer.store.versions import PASSED, new_version_id
 
 RETRAIN = ROOT / "jobs" / "retrain.py"
 
@@ -102,8 +104,8 @@ def current_store(tmp_path) -> tuple[Store, str]:
     for name in ("mnist.keras", "mnist.h5", "metrics.json"):
         with open(os.path.join(staging, name), "w") as f:
             f.write("{}")
-    store.register(vid, {"version": vid, "decision": PASSED, "started": iso(utc_now()), "config": {},
-                         "data": {"content_sha256": "a" * 64, "profile": profile(altered("unchanged"))}})
+    store.register(VersionRecord(vid, decision=PASSED, started=iso(utc_now()),
+                                 data={"content_sha256": "a" * 64, "profile": profile(altered("unchanged"))}))
     store.promote(vid)
     return store, vid
 
@@ -120,21 +122,21 @@ def test_a_cycle_refuses_bad_data_in_one_line_with_exit_4_and_a_record(tmp_path,
     (line,) = run.stdout.splitlines()
     assert line.startswith("refused ") and REFUSALS[kind][0] in line and "--accept-data-change" in line
     assert [line for line in run.stderr.splitlines() if not line.startswith("preparing data")] == []
-    refused = [r for r in store.records() if r["version"] != current]
-    assert len(refused) == 1 and refused[0]["decision"] == "refused"
-    assert refused[0]["data_checks"]["problems"] and refused[0]["reason"] in line
+    refused = [r for r in store.records() if r.version != current]
+    assert len(refused) == 1 and refused[0].decision == "refused"
+    assert refused[0].data_checks["problems"] and refused[0].reason in line
     assert store.current_id() == current and os.listdir(store.path("staging")) == []
-    assert sorted(os.listdir(store.version_dir(refused[0]["version"]))) == ["version.json"]
+    assert sorted(os.listdir(store.version_dir(refused[0].version))) == ["version.json"]
     listing = subprocess.run([sys.executable, str(RETRAIN), "--store", store.root, "--list"], cwd=ROOT,
                              env=job_env(), capture_output=True, text=True, timeout=60)
-    row = next(r for r in listing.stdout.splitlines() if r.startswith(refused[0]["version"]))
+    row = next(r for r in listing.stdout.splitlines() if r.startswith(refused[0].version))
     assert " refused " in row and REFUSALS[kind][0] in row
 
 
 def test_a_current_version_without_a_profile_is_not_checked_once(tmp_path, capsys):
     """A store from before the data checks: its current record has no profile, so the cycle trains."""
     store, current = current_store(tmp_path)
-    record = store.record(current)
+    record = store.record(current).to_json()
     del record["data"]["profile"]
     with open(store.path("versions", current, "version.json"), "w") as f:
         json.dump(record, f)

@@ -7,8 +7,8 @@ import pytest
 
 from tests.conftest import SAMPLE, read_metrics
 from trainer.config import Config
-from trainer.export import DIRECTORY, export_savedmodel
-from trainer.model import build_model, preprocess
+from trainer.model.export import DIRECTORY, export_savedmodel
+from trainer.model.network import build_model, preprocess
 
 
 @pytest.fixture(scope="module")

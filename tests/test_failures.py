@@ -1,5 +1,7 @@
-"""A failure in a few lines: a worker's summary, the cause named from Ray Train's worker errors, the
-driver's message, and the restart record. Unit tier: the texts are the real ones a run produced."""
+"""A failure as data: a worker's WorkerFailure (its kind, rank, exception, last frame and log), the
+cause named from Ray Train's worker errors by those fields, the driver's message, and the restart
+record. Unit tier: every error is the real class (TensorFlow's, Ray's, Ray Train's), with the text a
+real run produced where the class carries no field."""
 
 import pickle
 import subprocess
@@ -8,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from trainer import failures
+from trainer.train import failures
 
 # What rank 0 raised when rank 1 was frozen for 20 s under TensorFlow's 10 s heartbeat timeout
 # (scripts/stall.py --stall 20 on main before the stall timeout), message as TensorFlow wrote it.
@@ -17,7 +19,7 @@ HEARTBEAT = """Graph execution error:
 Detected at node while/rm_sprop/CollectiveReduceV2 defined at (most recent call last):
   File "/usr/lib/python3.11/threading.py", line 1002, in _bootstrap
 
-  File "/repo/trainer/worker.py", line 200, in train_steps
+  File "/repo/trainer/train/worker.py", line 200, in train_steps
 
 Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending heartbeats):
 /job:worker/replica:0/task:1
@@ -26,13 +28,16 @@ The error could be from a previous operation. Restart your program to reset.
 	 [[{{node while/rm_sprop/CollectiveReduceV2}}]] [Op:__inference_train_steps_519]"""
 
 
-class UnavailableError(Exception):
-    """Stands in for TensorFlow's class of the same name: only its name and message are read."""
+def unavailable(message: str):
+    """TensorFlow's own error for an aborted collective, with the message a real run got."""
+    import tensorflow as tf
+
+    return tf.errors.UnavailableError(None, None, message)
 
 
 def raise_in_a_step():
     def train_steps():
-        raise UnavailableError(HEARTBEAT)
+        raise unavailable(HEARTBEAT)
 
     train_steps()
 
@@ -45,12 +50,16 @@ def caught(function) -> BaseException:
     raise AssertionError("did not raise")
 
 
-def test_a_summary_is_the_last_frame_and_the_exception_without_tensorflows_op_stack():
-    summary = failures.summarize(caught(raise_in_a_step), "/tmp/ray/session/logs/mnist-42.log")
+def test_a_failure_carries_its_fields_and_reads_as_the_last_frame_and_the_exception():
+    failure = failures.WorkerFailure.of(caught(raise_in_a_step), 0, "/tmp/ray/session/logs/mnist-42.log")
+    assert (failure.kind, failure.rank, failure.peer) == (failures.PEER_FROZEN, 0, 1)
+    assert failure.exception == "tensorflow.python.framework.errors_impl.UnavailableError"
+    assert failure.frame[0].endswith("in train_steps") and failure.log.endswith("mnist-42.log")
+    summary = str(failure)
     lines = summary.splitlines()
     assert lines[0].startswith('  File "') and lines[0].endswith("in train_steps")
-    assert lines[1] == "    raise UnavailableError(HEARTBEAT)"
-    assert lines[2] == "tests.test_failures.UnavailableError: Graph execution error:"
+    assert lines[1] == "    raise unavailable(HEARTBEAT)"
+    assert lines[2] == "tensorflow.python.framework.errors_impl.UnavailableError: Graph execution error:"
     assert lines[3].startswith("Collective ops is aborted by: Error reported from /job:worker/task:1")
     assert "Detected at node" not in summary and "threading.py" not in summary
     assert lines[-1] == "full worker log: /tmp/ray/session/logs/mnist-42.log"
@@ -60,16 +69,17 @@ def test_a_summary_is_the_last_frame_and_the_exception_without_tensorflows_op_st
 def test_a_worker_failure_crosses_processes_without_importing_tensorflow():
     """What the controller and the driver unpickle: before, TensorFlow's own exception, whose
     unpickling imported TensorFlow there and printed its C++ start-up notices to the console."""
-    payload = pickle.dumps(failures.WorkerFailure(failures.summarize(caught(raise_in_a_step), None)))
+    payload = pickle.dumps(failures.WorkerFailure.of(caught(raise_in_a_step), 1, None))
     script = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); error = pickle.loads(sys.stdin.buffer.read()); "
-              "print(type(error).__name__, 'tensorflow' in sys.modules)")
+              "print(type(error).__name__, error.kind.replace(' ', '_'), error.rank, error.peer, "
+              "'tensorflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], input=payload, capture_output=True, timeout=60)
-    assert proc.stdout.decode().split() == ["WorkerFailure", "False"], proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().split() == ["WorkerFailure", "peer_frozen", "1", "1", "False"], proc.stderr.decode()[-2000:]
 
 
 def worker_failure(rank: int, exc: BaseException) -> failures.WorkerFailure:
     """What Ray Train hands the controller for a worker whose loop raised: the WorkerFailure itself."""
-    return failures.WorkerFailure(failures.summarize(exc, f"/logs/mnist-{rank}.log"))
+    return failures.WorkerFailure.of(exc, rank, f"/logs/mnist-{rank}.log")
 
 
 def died(message: str):
@@ -105,7 +115,7 @@ def test_the_cause_prefers_a_dead_process_or_a_lost_node_over_its_peers_aborted_
 def test_the_cause_names_a_peer_whose_connection_dropped():
     """What rank 0 raised when rank 1's node was removed without grace (tests/test_faults.py)."""
     def reset():
-        raise UnavailableError(
+        raise unavailable(
             "Graph execution error:\n\nCollective ops is aborted by: recvmsg:Connection reset by peer\n"
             "Additional GRPC error information from remote target /job:worker/replica:0/task:1 while calling "
             "/tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer  {grpc_status:14}\n"
@@ -113,6 +123,7 @@ def test_the_cause_names_a_peer_whose_connection_dropped():
             "/tensorflow.WorkerService/RecvBuf:")
 
     assert failures.cause({0: worker_failure(0, caught(reset))}) == (0, "lost the connection to rank 1")
+    assert worker_failure(0, caught(reset)).kind == failures.PEER_LOST
 
 
 def test_the_cause_names_a_peer_that_never_reached_the_report_barrier():
@@ -123,22 +134,38 @@ def test_the_cause_names_a_peer_that_never_reached_the_report_barrier():
         raise BroadcastCollectiveTimeoutError(time_elapsed=5.01, missing_ranks=[1], timeout_s=5.0)
 
     assert failures.cause({0: worker_failure(0, caught(late))}) == (0, "no progress for 5s on rank 1")
+    failure = worker_failure(0, caught(late))
+    assert (failure.kind, failure.peer, failure.seconds) == (failures.PEER_LATE, 1, 5.0)
 
 
 def test_the_ray_train_report_barrier_is_bounded_by_the_stall_timeout():
-    from trainer import cluster
     from trainer.config import Config
+    from trainer.train import cluster
 
     assert cluster.ray_settings(Config())["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == "60"
     assert cluster.ray_settings(Config(stall_timeout_s=7.5))["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == "7.5"
 
 
-def test_the_cause_names_the_watchdog_and_else_the_exception():
-    def silent():
-        raise UnavailableError("Collective ops is aborted by: no progress for 60s: a peer is gone or stalled "
-                               "(--stall-timeout-s)")
+def test_the_cause_names_the_watchdog_from_its_own_record_and_else_the_exception():
+    """The watchdog's abort (a real one, of a real Watchdog) fails the step; the worker's failure
+    says so from the watchdog's record, not from the words of the error it caused."""
+    import threading
 
-    assert failures.cause({0: worker_failure(0, caught(silent))}) == (0, "no progress for 60s on rank 0")
+    from trainer.train.watchdog import Watchdog
+
+    aborted = threading.Event()
+    dog = Watchdog(0.2, lambda reason: aborted.set())
+    assert aborted.wait(30) and dog.fired == 0.2
+    dog.stop()
+
+    def silent():
+        raise unavailable("Collective ops is aborted by: no progress for 0.2s: a peer is gone or stalled "
+                          "(--stall-timeout-s)")
+
+    stalled = failures.WorkerFailure.of(caught(silent), 0, None, stalled_after=dog.fired)
+    assert (stalled.kind, stalled.seconds) == (failures.STALLED, 0.2)
+    assert failures.cause({0: stalled}) == (0, "no progress for 0.2s on rank 0")
+    assert failures.WorkerFailure.of(caught(silent), 0, None).kind == failures.ERROR  # no record: not the watchdog
 
     def bug():
         raise ValueError("shapes (128, 784) and (10,) not aligned")
@@ -171,11 +198,11 @@ def test_an_unreadable_record_reads_as_no_restarts(tmp_path, text):
 
 
 def test_the_local_trainer_still_drops_rays_placement_group_cleaner():
-    """trainer/backend.py reaches into Ray Train's internals for a faster local start, and falls back
+    """trainer/train/backend.py reaches into Ray Train's internals for a faster local start, and falls back
     to the stock trainer if an upgrade moves them; this says so loudly instead."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from trainer.backend import trainer_class
+    from trainer.train.backend import trainer_class
 
     assert trainer_class(local=False) is DataParallelTrainer
     local = trainer_class(local=True)

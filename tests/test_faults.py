@@ -16,10 +16,18 @@ import time
 
 import pytest
 
-from tests.conftest import (SAMPLE, assert_each_epoch_once_with_a_restart, assert_each_step_used_the_global_batch,
-                            read_metrics, run_job, simulated_cluster, wait_for_epoch, worker_pid)
-from trainer.elastic import GREW, RERUN, SHRANK
-from tests.conftest import start_job as start_any_job
+from tests.conftest import (
+    SAMPLE,
+    assert_each_epoch_once_with_a_restart,
+    assert_each_step_used_the_global_batch,
+    read_metrics,
+    run_job,
+    simulated_cluster,
+    start_job as start_any_job,
+    wait_for_epoch,
+    worker_pid,
+)
+from trainer.train.elastic import GREW, RERUN, SHRANK
 
 pytestmark = pytest.mark.ray  # every test here runs the job or starts Ray
 
@@ -321,7 +329,7 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_pa
     # MLflow (--track, the embedded store): the resize is on the run, as it happened and in the summary.
     from mlflow import MlflowClient
 
-    from trainer.tracking import describe_resize
+    from trainer.track.run import describe_resize
 
     mlflow_client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     tags = mlflow_client.get_run(metrics["tracking"]["run_id"]).data.tags

@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import SAMPLE
 from trainer.config import Config
-from trainer.model import build_model, preprocess
+from trainer.model.network import build_model, preprocess
 
 
 def test_mlp_is_the_tutorial_model():

@@ -1,4 +1,4 @@
-"""`python -m trainer.predict` on real MNIST digits saved as PNG and JPEG files, as a user would."""
+"""`python -m trainer.serve.predict` on real MNIST digits saved as PNG and JPEG files, as a user would."""
 
 import json
 from pathlib import Path
@@ -9,8 +9,9 @@ from PIL import Image
 
 from tests.conftest import SAMPLE
 from trainer.config import Config
-from trainer.model import build_model, preprocess
-from trainer.predict import main, mnist_like
+from trainer.model.images import mnist_like
+from trainer.model.network import build_model, preprocess
+from trainer.serve.predict import main
 
 CONFIDENT = 0.99  # digits the model gets right this surely in 28x28 form must survive preprocessing
 

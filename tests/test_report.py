@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.conftest import SAMPLE
 from trainer.config import Config
-from trainer.model import build_model, preprocess
-from trainer.report import evaluation_report, format_report, plot_confusion_matrix, write_all
+from trainer.model.network import build_model, preprocess
+from trainer.model.report import evaluation_report, format_report, plot_confusion_matrix, write_all
 
 
 def train_on_sample(epochs: int = 2):

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE, job_env
-from trainer import canary, report
-from trainer.data import content_hash, load_npz
+from trainer.data.shards import content_hash, load_npz
+from trainer.model import report
+from trainer.promote import canary
 
 RETRAIN = ROOT / "jobs" / "retrain.py"
 GATE = ("--min-accuracy", "0.5")  # the sample's few epochs do not reach the production floor

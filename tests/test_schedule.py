@@ -15,7 +15,7 @@ import yaml
 from croniter import croniter
 
 from tests.conftest import ROOT
-from trainer import retrain
+from trainer.promote import retrain
 
 CRONTAB = ROOT / "scripts" / "retrain.crontab"
 SUBMIT = ROOT / "scripts" / "submit_retrain.sh"

@@ -15,15 +15,18 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE, add_version
-from trainer import lock as lock_module, retrain
-from trainer.lock import LockHeld
-from trainer.policy import FAILED, REFUSED, REJECTED, fingerprint, new_version_id, status_of
-from trainer.store import RUNS, Store, StoreError
+from trainer.common import lock as lock_module
+from trainer.common.lock import LockHeld
+from trainer.promote import retrain
+from trainer.promote.policy import fingerprint
+from trainer.store.model_store import RUNS, Store, StoreError
+from trainer.store.record import VersionRecord
+from trainer.store.versions import FAILED, REFUSED, REJECTED, new_version_id, status_of
 
 # A child that takes the lock and holds it until its stdin closes (or it is killed).
 HOLD = """
 import sys
-from trainer.store import Store
+from trainer.store.model_store import Store
 with Store(sys.argv[1]).locked():
     print("locked", flush=True)
     sys.stdin.readline()
@@ -32,8 +35,8 @@ with Store(sys.argv[1]).locked():
 # race for it at once however slowly each one starts.
 RACE = """
 import sys, time
-from trainer.lock import LockHeld
-from trainer.store import Store
+from trainer.common.lock import LockHeld
+from trainer.store.model_store import Store
 print("ready", flush=True)
 sys.stdin.readline()
 try:
@@ -92,9 +95,8 @@ def test_register_promote_and_list(store, capsys):
     rejected = add_version(store, REJECTED, accuracy=0.90, data_sha256="b" * 64, when=at(3))
     second = add_version(store, accuracy=0.981, data_sha256="c" * 64, when=at(4))
     failed_id = new_version_id(at(5))
-    store.register_failure(failed_id, {"version": failed_id, "decision": FAILED,
-                                       "reason": "TrainingError: boom", "started": "2026-11-28T05:00:00Z",
-                                       "data": {"content_sha256": "d" * 64}})
+    store.register_failure(VersionRecord(failed_id, decision=FAILED, reason="TrainingError: boom",
+                                         started="2026-11-28T05:00:00Z", data={"content_sha256": "d" * 64}))
     assert store.version_ids() == [first, rejected, second, failed_id]
     assert store.current_id() == second
     pointer = store.pointer()
@@ -121,7 +123,7 @@ def test_prune_drops_oldest_non_current_with_their_runs_and_unused_data(store):
         os.makedirs(store.path(RUNS, vid))
     for vid in ids:  # each version used its own prepared data
         os.makedirs(store.path("data", f"mnist-{vid}"))
-        record = store.record(vid)
+        record = store.record(vid).to_json()
         record["data"]["path"] = store.path("data", f"mnist-{vid}")
         with open(os.path.join(store.version_dir(vid), "version.json"), "w") as f:
             json.dump(record, f)
@@ -192,7 +194,7 @@ def test_rollback_refuses_failed_rejected_and_unknown_versions(store):
     good = add_version(store, when=at(2))
     bad = add_version(store, REJECTED, accuracy=0.5, when=at(3))
     failed_id = new_version_id(at(4))
-    store.register_failure(failed_id, {"version": failed_id, "decision": FAILED, "reason": "x"})
+    store.register_failure(VersionRecord(failed_id, decision=FAILED, reason="x"))
     with pytest.raises(StoreError, match="was rejected .*pass --force"):
         store.rollback(bad)
     with pytest.raises(StoreError, match="failed to train"):
@@ -209,7 +211,7 @@ def test_rollback_refuses_failed_rejected_and_unknown_versions(store):
 def two_models():
     """Two small real MLPs trained briefly on different halves of the sample."""
     from trainer.config import Config
-    from trainer.model import build_model, preprocess
+    from trainer.model.network import build_model, preprocess
 
     with np.load(SAMPLE) as npz:
         x, y = preprocess(npz["x_train"], npz["y_train"])
@@ -277,7 +279,7 @@ def test_a_store_written_before_the_paired_gate_still_lists_and_rolls_back(store
     second = add_version(store, REJECTED, accuracy=0.970, when=at(3))
     third = add_version(store, accuracy=0.978, when=at(4))
     for vid, baseline in ((first, None), (second, first), (third, first)):
-        record = store.record(vid)
+        record = store.record(vid).to_json()
         record["gate"] = {**old_gate, "baseline_version": baseline}
         with open(store.path("versions", vid, "version.json"), "w") as f:
             json.dump(record, f)

@@ -1,19 +1,20 @@
-"""The streaming data path (trainer/stream.py): the share planner, the epoch order, the Parquet
+"""The streaming data path (trainer/data/stream.py): the share planner, the epoch order, the Parquet
 reader and the prefetch thread, on real Parquet files and the committed sample. No Ray."""
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
+import types
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import SAMPLE
-from trainer import data, stream
-from trainer.mnist import DataError
-from trainer.stream import Segment, epoch_chunks, plan_share, share_index
+from trainer.data import shards, stream
+from trainer.data.mnist import DataError
+from trainer.data.stream import Segment, epoch_chunks, plan_share, share_index
 
 UNEVEN = [700, 1, 2500, 0, 999, 1300, 64, 4000]  # rows per file, a file of none among them
 
@@ -105,7 +106,7 @@ def _write(directory, sample, rows, row_group_size):
     files, start = [], 0
     for i, count in enumerate(rows):
         name = f"part-{i}.parquet"
-        pq.write_table(data._table(x[start:start + count], y[start:start + count], start), directory / name,
+        pq.write_table(shards._table(x[start:start + count], y[start:start + count], start), directory / name,
                        row_group_size=row_group_size)
         files.append({"path": name, "rows": count})
         start += count
@@ -137,8 +138,21 @@ def test_the_reader_refuses_files_that_disagree_with_the_manifest(tmp_path, samp
         stream.ShareReader(str(tmp_path), files)(Segment(0, 0, 10, 0))
 
 
-def test_prefetch_keeps_the_order_stays_bounded_and_passes_errors_on():
+def test_prefetch_keeps_the_order_stays_bounded_and_passes_errors_on(monkeypatch):
     made = []
+    refused = threading.Semaphore(0)
+
+    class WatchedQueue(queue.Queue):
+        """Prefetch's queue, telling each time a put found it full (the thread waits, then retries)."""
+
+        def put(self, item, block=True, timeout=None):
+            try:
+                super().put(item, block, timeout)
+            except queue.Full:
+                refused.release()
+                raise
+
+    monkeypatch.setattr(stream, "queue", types.SimpleNamespace(Queue=WatchedQueue, Full=queue.Full))
 
     def items(n, fail_at=None):
         for i in range(n):
@@ -150,10 +164,18 @@ def test_prefetch_keeps_the_order_stays_bounded_and_passes_errors_on():
     with stream.Prefetch(items(50), depth=4) as ahead:
         assert list(ahead) == list(range(50))
     made.clear()
+    while refused.acquire(blocking=False):  # what the first run counted
+        pass
     ahead = stream.Prefetch(items(1000), depth=4)
-    time.sleep(0.3)
-    assert len(made) <= 4 + 1  # the queue's depth, plus the item waiting to go in
-    ahead.close()  # leaving early stops the thread
+    try:
+        # Nobody takes from it: the thread fills the queue (4 items), makes one more and finds the
+        # queue full; still full at its retry, it has made nothing since (no item dropped, none read ahead).
+        for _ in range(2):
+            assert refused.acquire(timeout=120), "the prefetch thread never found its queue full"
+        assert made == list(range(4 + 1))  # the queue's depth, plus the item waiting to go in
+    finally:
+        ahead.close()  # leaving early stops the thread
+    assert made == list(range(4 + 1))
     assert not any(t.name == "data-prefetch" and t.is_alive() for t in threading.enumerate())
     with pytest.raises(DataError, match="shard 3 is unreadable"), stream.Prefetch(items(10, fail_at=3)) as ahead:
         list(ahead)

@@ -19,9 +19,18 @@ import sys
 
 import pytest
 
-from tests.conftest import (ROOT, SAMPLE, assert_each_epoch_once_with_a_restart, assert_each_step_used_the_global_batch,
-                            read_metrics, run_job, simulated_cluster, start_job, wait_for_epoch)
-from trainer.elastic import RERUN, SHRANK
+from tests.conftest import (
+    ROOT,
+    SAMPLE,
+    assert_each_epoch_once_with_a_restart,
+    assert_each_step_used_the_global_batch,
+    read_metrics,
+    run_job,
+    simulated_cluster,
+    start_job,
+    wait_for_epoch,
+)
+from trainer.train.elastic import RERUN, SHRANK
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

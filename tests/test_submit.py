@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, MlflowServer, free_port
-from trainer.outputs import MODEL_FILES as OUTPUT_MODEL_FILES
+from trainer.common.atomic import MODEL_FILES as OUTPUT_MODEL_FILES
 
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, beside the interpreter running pytest
 RUNTIME_ENV = ROOT / "jobs" / "runtime_env.yaml"
@@ -284,7 +284,7 @@ def test_runtime_env_excludes_alone_keep_data_venvs_and_outputs_out(tmp_path):
     assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"
     assert "working_dir" not in env  # given by --working-dir, which would override it (with a warning)
     tree = tmp_path / "checkout"
-    kept = ["jobs/train_mnist.py", "trainer/driver.py", "tests/data/mnist_sample.npz", "README.md"]
+    kept = ["jobs/train_mnist.py", "trainer/train/driver.py", "tests/data/mnist_sample.npz", "README.md"]
     dropped = [".git/objects/ab/cdef", ".venv/lib/python3.11/site-packages/tf.so", "venv/bin/python",
                ".venv-mlflow/bin/mlflow", "mlflow.db", "mlartifacts/1/model.keras",
                "models/mnist.keras", "ray_results/run/checkpoint.pkl", "data/mnist/train.parquet",
@@ -305,7 +305,7 @@ def test_upload_of_this_checkout_is_small_and_has_the_code():
         target = Path(tmp) / "pkg.zip"
         names = package(ROOT, target, excludes, include_gitignore=True)  # as `ray job submit` does
         size = target.stat().st_size
-    assert {"jobs/train_mnist.py", "trainer/driver.py", "trainer/worker.py",
+    assert {"jobs/train_mnist.py", "trainer/train/driver.py", "trainer/train/worker.py",
             "tests/data/mnist_sample.npz"} <= set(names)
     assert not [n for n in names if n.startswith((".git/", ".venv/", ".venv-mlflow/")) or "__pycache__" in n]
     assert size < 5 * 2**20 < GCS_STORAGE_MAX_SIZE, f"upload is {size / 2**20:.1f} MiB"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_metrics
-from trainer.cli import main
 from trainer.config import Config
-from trainer.tensorboard import TAGS, EpochWriter
+from trainer.train.cli import main
+from trainer.train.tensorboard import TAGS, EpochWriter
 
 
 def read_scalars(directory) -> dict[str, dict[int, float]]:

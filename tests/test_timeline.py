@@ -1,4 +1,4 @@
-"""The run timeline (trainer/timeline.py) and the quiet console's pieces (trainer/quiet.py)."""
+"""The run timeline (trainer/common/timeline.py) and the quiet console's pieces (trainer/common/quiet.py)."""
 
 import os
 import subprocess
@@ -6,21 +6,35 @@ import sys
 import time
 
 from tests.conftest import ROOT
-from trainer.quiet import stderr_to
-from trainer.elastic import GREW, RERUN, SHRANK, resizes
-from trainer.timeline import POINTS, format_timeline, merge, process_start_time
+from trainer.common.quiet import stderr_to
+from trainer.common.timeline import POINTS, format_timeline, merge, process_start_time
+from trainer.train.elastic import GREW, RERUN, SHRANK, resizes
+
+# Asked only after the parent's second reading of the clock: "now" would be later than that reading.
+OWN_START = ("import sys; from trainer.common.timeline import process_start_time; sys.stdin.readline(); "
+             "print(repr(process_start_time()), flush=True); sys.stdin.read()")
 
 
 def test_process_start_time_is_when_the_process_began():
+    """A child started between two readings of the clock began between them (to the 10 ms the
+    kernel counts in: the start is rounded down); asked about itself (no pid), it says the same."""
     before = time.time()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    child = subprocess.Popen([sys.executable, "-c", OWN_START], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    after = time.time()
     try:
-        started = process_start_time(child.pid)
+        by_pid = process_start_time(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        by_itself = float(child.stdout.readline())  # its own process_start_time(), asked after `after`
     finally:
-        child.kill()
-        child.wait()
-    assert before - 0.05 <= started <= time.time()
-    assert process_start_time() <= time.time() and process_start_time(child.pid) > before  # reaped: unknown
+        child.stdin.close()
+        child.wait(timeout=120)
+    assert before - 0.05 <= by_pid <= after, (before, by_pid, after)
+    assert before - 0.05 <= by_itself <= after, (before, by_itself, after)
+    assert abs(by_itself - by_pid) < 0.02
+    asked, unknown, answered = time.time(), process_start_time(child.pid), time.time()  # reaped: unknown,
+    assert asked <= unknown <= answered  # so now
 
 
 def test_merge_keeps_the_slowest_worker_and_counts_from_process_start():
@@ -36,7 +50,7 @@ def test_merge_keeps_the_slowest_worker_and_counts_from_process_start():
 
 def test_stderr_to_catches_what_native_code_writes_to_fd_2(tmp_path):
     """TensorFlow's import-time notices are written by C++ to file descriptor 2, not sys.stderr."""
-    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); from trainer.quiet import stderr_to\n"
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); from trainer.common.quiet import stderr_to\n"
               "with stderr_to(sys.argv[2]):\n    os.write(2, b'native notice\\n')\n"
               "os.write(2, b'after\\n')")
     done = subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "tf.log")],

@@ -1,4 +1,4 @@
-"""MLflow tracking (trainer/tracking.py), against real MLflow stores and a real `mlflow server`.
+"""MLflow tracking (trainer/track/, trainer/promote/registry.py), against real MLflow stores and a real `mlflow server`.
 
 Unit (no Ray): where a run is tracked, the flags it refuses, the job without MLflow installed, and
 the registry's sync with a model store (real Keras models, an embedded SQLite store).
@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE, MlflowServer, add_version, job_env, run_job
-from trainer import tracking
 from trainer.config import Config
-from trainer.policy import PASSED, REJECTED
-from trainer.store import Store
+from trainer.promote.registry import sync_registry
+from trainer.store.model_store import Store
+from trainer.store.versions import PASSED, REJECTED
+from trainer.track import connection, run as tracked_run
+from trainer.track.models import load_keras
 
 RETRAIN = ROOT / "jobs" / "retrain.py"
 WITHOUT_MLFLOW = ("import sys; sys.modules['mlflow'] = None; from trainer.{} import main; "
@@ -57,14 +59,14 @@ def registry(mlflow_client, name: str = "mnist") -> dict:
 
 def test_tracking_is_on_with_a_uri_the_environment_or_track_and_off_with_no_tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(Config(), "out") is None
-    assert tracking.tracking_uri(Config(track=True), str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert tracking.tracking_uri(Config(tracking_uri="http://127.0.0.1:5000"), "out") == "http://127.0.0.1:5000"
+    assert connection.tracking_uri(Config(), "out") is None
+    assert connection.tracking_uri(Config(track=True), str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert connection.tracking_uri(Config(tracking_uri="http://127.0.0.1:5000"), "out") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking.tracking_uri(Config(), "out") == "http://127.0.0.1:5001"
-    assert tracking.tracking_uri(Config(track=True), "out") == "http://127.0.0.1:5001"
-    assert tracking.tracking_uri(Config(tracking_uri="http://127.0.0.1:5000"), "out") == "http://127.0.0.1:5000"
-    assert tracking.tracking_uri(Config(no_tracking=True), "out") is None
+    assert connection.tracking_uri(Config(), "out") == "http://127.0.0.1:5001"
+    assert connection.tracking_uri(Config(track=True), "out") == "http://127.0.0.1:5001"
+    assert connection.tracking_uri(Config(tracking_uri="http://127.0.0.1:5000"), "out") == "http://127.0.0.1:5000"
+    assert connection.tracking_uri(Config(no_tracking=True), "out") is None
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -81,13 +83,13 @@ def test_tracking_flags_that_cannot_work_are_refused_in_one_sentence(settings, m
 
 def test_params_are_the_config_as_metrics_json_holds_it_and_epochs_give_their_numbers():
     cfg = Config(num_workers=(1, 3), batch_size=128)
-    params = tracking.params(cfg.to_dict())
+    params = tracked_run.params(cfg.to_dict())
     assert set(params) == set(cfg.to_dict()) and all(isinstance(v, str) for v in params.values())
     assert params["num_workers"] == "[1, 3]" and params["model"] == "mlp" and params["data"] == "null"
     assert params["augment"] == "false" and params["learning_rate"] == "0.001"
     record = {"epoch": 3, "loss": 0.2, "accuracy": 0.9, "samples_per_second": 1e4, "world_size": 2,
               "learning_rate": 0.001, "seconds": 3.1, "first_step_unix": 1.8e9, "restarted": False}
-    assert tracking.epoch_metrics(record) == {"loss": 0.2, "accuracy": 0.9, "samples_per_second": 1e4,
+    assert tracked_run.epoch_metrics(record) == {"loss": 0.2, "accuracy": 0.9, "samples_per_second": 1e4,
                                               "world_size": 2.0, "learning_rate": 0.001, "seconds": 3.1}
 
 
@@ -98,19 +100,19 @@ def test_without_mlflow_the_job_runs_and_asking_for_tracking_is_one_line_naming_
         return subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW.format(module), *args], cwd=ROOT,
                               env=job_env(**(env or {})), capture_output=True, text=True, timeout=120)
 
-    untracked = run("cli", "--data", missing, "--output", str(tmp_path / "out"))
+    untracked = run("train.cli", "--data", missing, "--output", str(tmp_path / "out"))
     assert untracked.returncode == 1 and "needs MLflow" not in untracked.stderr  # on to the data, which is missing
     assert "no-such-data" in untracked.stderr
     out = ("--output", str(tmp_path / "out"))
-    for module, args, env in (("cli", ["--track", *out], None), ("cli", [*out], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
-                              ("retrain", ["--store", str(tmp_path / "store"), "--track"], None)):
+    for module, args, env in (("train.cli", ["--track", *out], None), ("train.cli", [*out], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
+                              ("promote.retrain", ["--store", str(tmp_path / "store"), "--track"], None)):
         proc = run(module, "--data", missing, *args, env=env)
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "needs MLflow, which is not installed: pip install -e \".[tracking]\"" in lines[0], lines
-    silenced = run("cli", "--data", missing, "--no-tracking", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    silenced = run("train.cli", "--data", missing, "--no-tracking", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert "needs MLflow" not in silenced.stderr and "no-such-data" in silenced.stderr
-    predicted = run("predict", "models:/mnist@champion", str(tmp_path / "x.png"), "--tracking-uri", "http://127.0.0.1:9")
+    predicted = run("serve.predict", "models:/mnist@champion", str(tmp_path / "x.png"), "--tracking-uri", "http://127.0.0.1:9")
     assert predicted.returncode == 2 and "needs MLflow" in predicted.stderr and len(predicted.stderr.splitlines()) == 1
 
 
@@ -129,7 +131,7 @@ def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path)
     version through a rollback, and the champion loadable by URI."""
     import keras
 
-    from trainer.model import build_model
+    from trainer.model.network import build_model
 
     store = Store(str(tmp_path / "store"))
     store.create()
@@ -138,8 +140,8 @@ def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path)
     second = add_version(store, REJECTED, 0.42, model=models[1], parent=first)
     add_version(store, "failed")  # no model: nothing to register
     cfg = Config(track=True)
-    synced = tracking.sync_registry(store, cfg)
-    mlflow_client = client(tracking.tracking_uri(cfg, store.root))
+    synced = sync_registry(store, cfg)
+    mlflow_client = client(connection.tracking_uri(cfg, store.root))
     versions, champion = registry(mlflow_client)
     assert set(versions) == {first, second} and champion == first
     assert synced == {"versions": {first: versions[first][0], second: versions[second][0]}, "champion": versions[first][0]}
@@ -150,18 +152,18 @@ def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path)
 
     with store.locked():
         store.rollback(second, force=True)
-    tracking.sync_registry(store, cfg)
+    sync_registry(store, cfg)
     again, champion = registry(mlflow_client)
     assert champion == second and {k: v[0] for k, v in again.items()} == {k: v[0] for k, v in versions.items()}
     assert again[first][1]["status"] == "promoted earlier" and again[second][1]["status"] == "current"
 
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg, store.root))
+    mlflow.set_tracking_uri(connection.tracking_uri(cfg, store.root))
     pixels = np.random.default_rng(0).random((8, 784), dtype=np.float32)
     served = mlflow.pyfunc.load_model("models:/mnist@champion").predict(pixels)
     assert np.allclose(served, models[1].predict(pixels, verbose=0), atol=1e-6)
-    assert isinstance(tracking.load_keras("models:/mnist@champion", mlflow.get_tracking_uri()), keras.Model)
+    assert isinstance(load_keras("models:/mnist@champion", mlflow.get_tracking_uri()), keras.Model)
 
 
 # ---- Ray: the embedded default, a resume ----------------------------------------------------------
@@ -171,7 +173,7 @@ def test_the_embedded_default_has_the_params_each_epoch_the_artifacts_and_a_mode
     import keras
     import mlflow
 
-    from trainer.model import preprocess
+    from trainer.model.network import preprocess
 
     output, _, console = extras_run
     metrics = json.loads((output / "metrics.json").read_text())
@@ -180,9 +182,9 @@ def test_the_embedded_default_has_the_params_each_epoch_the_artifacts_and_a_mode
     run = only_run(mlflow_client)
     assert metrics["tracking"]["run_id"] == run.info.run_id and run.info.status == "FINISHED"
     assert f"tracking: MLflow run {run.info.run_id} in experiment mnist" in console
-    assert run.data.params == tracking.params(metrics["config"])
+    assert run.data.params == tracked_run.params(metrics["config"])
     epochs = metrics["epochs"]
-    for key in tracking.EPOCH_METRICS:
+    for key in tracked_run.EPOCH_METRICS:
         logged = history(mlflow_client, run.info.run_id, key)
         assert [step for step, _ in logged] == [e["epoch"] for e in epochs], key
         assert [value for _, value in logged] == pytest.approx([e[key] for e in epochs]), key
@@ -274,10 +276,10 @@ def registry_night(tmp_path_factory):
         seven = arrays["x_test"][np.flatnonzero(arrays["y_test"] == 7)[0]]
         Image.fromarray(255 - seven).save(digit)  # dark ink on light paper, as people write
         steps["predict_champion"] = subprocess.run(
-            [sys.executable, "-m", "trainer.predict", "models:/mnist@champion", str(digit), "--json",
+            [sys.executable, "-m", "trainer.serve.predict", "models:/mnist@champion", str(digit), "--json",
              "--tracking-uri", server.uri], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=180)
         steps["predict_file"] = subprocess.run(
-            [sys.executable, "-m", "trainer.predict", str(store / "versions" / steps["v1"][0] / "mnist.keras"),
+            [sys.executable, "-m", "trainer.serve.predict", str(store / "versions" / steps["v1"][0] / "mnist.keras"),
              str(digit), "--json"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=180)
         yield store, server, steps
     finally:

@@ -1,4 +1,4 @@
-"""`python -m trainer.transfer`: an MNIST model adapted to UCI's writers, in-process, as a user runs it."""
+"""`python -m trainer.train.transfer`: an MNIST model adapted to UCI's writers, in-process, as a user runs it."""
 
 import json
 
@@ -8,10 +8,19 @@ import pytest
 
 from tests.conftest import SAMPLE
 from trainer.config import Config
-from trainer.model import build_model, preprocess
-from trainer.predict import load_model
-from trainer.transfer import (LABELLED_POOL, MODEL_FILE, accuracy, check_labels, format_table, main, measure, split,
-                              uci_digits)
+from trainer.model.network import build_model, preprocess
+from trainer.track.models import load_model
+from trainer.train.transfer import (
+    LABELLED_POOL,
+    MODEL_FILE,
+    accuracy,
+    check_labels,
+    format_table,
+    main,
+    measure,
+    split,
+    uci_digits,
+)
 
 # Measured with the fixture's recipe, model seeds 0-2 x split seeds 0-4, 50 per class, 20 epochs:
 # before 0.53-0.71, after head 0.92-0.94 and all 0.94-0.95; the smallest gain was 0.22.

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE, add_version, read_metrics, run_job
-from trainer import warm
 from trainer.config import Config
-from trainer.model import build_model, evaluate, preprocess
-from trainer.store import Store, StoreError
+from trainer.model.network import build_model, evaluate, preprocess
+from trainer.store.model_store import Store, StoreError
+from trainer.train import warm
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """The worker's batching and distributed step, without Ray: a one-device MirroredStrategy runs the
 same `strategy.run` code path the workers run under MultiWorkerMirroredStrategy."""
 
+import socket
 import subprocess
 import sys
-import time
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ import tensorflow as tf
 
 from tests.conftest import SAMPLE
 from trainer.config import Config
-from trainer.model import build_model, preprocess
-from trainer.worker import (Watchdog, epoch_batches, make_all_reduce_sum, make_train_steps, progress_line,
-                            shard_info)
+from trainer.model.network import build_model, preprocess
+from trainer.train.share import epoch_batches
+from trainer.train.step import make_all_reduce_sum, make_train_steps
+from trainer.train.watchdog import Watchdog
+from trainer.train.worker import progress_line, shard_info
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +57,16 @@ def test_a_distributed_step_is_the_plain_gradient_step_on_the_global_batch(sampl
     x, y = preprocess(images[:128], labels[:128])
     plain = build_model(cfg)  # same seed: same initial weights
     with tf.GradientTape() as tape:
-        loss = plain.loss(y, plain(x, training=True))
+        probs = plain(x, training=True)
+        loss = plain.loss(y, probs)
     plain.optimizer.apply_gradients(zip(tape.gradient(loss, plain.trainable_variables), plain.trainable_variables))
     for a, b in zip(distributed.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert float(seen) == 128 and 0 <= float(correct) <= 128
+    # `correct` counts the digits the step's forward pass (the weights before its update) got right:
+    # here, the plain model's predictions on the same batch against the labels as given.
+    expected = int(np.sum(np.argmax(np.asarray(probs), axis=1) == labels[:128]))
+    assert 0 < expected < 128  # an untrained model gets some right, not all: the count can tell
+    assert float(seen) == 128 and float(correct) == expected
     assert float(loss_sum) / 128 == pytest.approx(float(loss), rel=1e-5)
 
 
@@ -93,22 +102,86 @@ def test_progress_line_estimates_the_time_left_from_the_median_epoch():
     assert progress_line({**record, "world_size": 3}, 5, history).startswith("epoch 3/5  3 workers  loss")
 
 
-def test_the_watchdog_calls_abort_only_after_a_silence_longer_than_its_timeout_and_never_while_paused():
-    aborts = []
-    watchdog = Watchdog(1.0, aborts.append)
+class _Clock:
+    """Stands in for trainer/train/watchdog.py's `time`: monotonic() is what the test sets."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_watchdog_calls_abort_only_after_a_silence_longer_than_its_timeout_and_never_while_paused(monkeypatch):
+    """On the test's clock, with each of the watchdog's checks counted (its stop event's waits):
+    every step waits for the watchdog to have looked at least once after the clock moved, never for
+    time to pass, so a stalled machine only slows it down and a broken watchdog fails it."""
+    from trainer.train import watchdog as module
+
+    seen = threading.Condition()
+    woke, aborts, threads = [0], [], []
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout=None):
+            stopped = super().wait(timeout)
+            with seen:
+                woke[0] += 1
+                seen.notify_all()
+            return stopped
+
+    def thread(**kwargs):
+        threads.append(threading.Thread(**kwargs))
+        return threads[-1]
+
+    def abort(message):
+        with seen:
+            aborts.append(message)
+            seen.notify_all()
+
+    def looked():
+        """Until the watchdog has finished a check that began after this call (or has aborted)."""
+        with seen:
+            after = woke[0]
+            assert seen.wait_for(lambda: woke[0] >= after + 2 or aborts, timeout=120), "the watchdog stopped checking"
+
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(module, "time", clock)
+    monkeypatch.setattr(module, "threading", types.SimpleNamespace(Event=CountedEvent, Thread=thread))
+    watchdog = Watchdog(1.0, abort)
     try:
-        for _ in range(15):  # 1.5 s with a beat every 0.1 s
-            time.sleep(0.1)
-            watchdog.beat()
-        with watchdog.paused():  # a checkpoint upload slower than the timeout
-            time.sleep(2.0)
+        clock.now = 1001.0  # a silence of exactly the timeout: not longer
+        looked()
         assert aborts == []
-        deadline = time.monotonic() + 10
-        while not aborts and time.monotonic() < deadline:  # silence past the timeout
-            time.sleep(0.1)
+        watchdog.beat()
+        clock.now = 1001.75  # 1.75 s since the start, 0.75 s since the beat
+        looked()
+        assert aborts == []
+        with watchdog.paused():  # a checkpoint upload far slower than the timeout
+            clock.now = 1100.0
+            looked()
+            assert aborts == []
+        clock.now = 1101.0  # the clock restarted when the pause ended, not at the beat before it
+        looked()
+        assert aborts == []
+        clock.now = 1101.25  # silence past the timeout
+        with seen:
+            assert seen.wait_for(lambda: aborts, timeout=120), "no abort after a silence past the timeout"
+        (watcher,) = threads
+        watcher.join(timeout=120)
+        assert not watcher.is_alive()  # one abort, then the watchdog is done
     finally:
         watchdog.stop()
     assert aborts == ["no progress for 1s: a peer is gone or stalled (--stall-timeout-s)"]
+
+
+def test_the_watchdog_runs_on_the_monotonic_clock():
+    """Unpatched, a watchdog nobody beats aborts (no bound on how soon: only that it does)."""
+    aborted = threading.Event()
+    watchdog = Watchdog(0.2, lambda message: aborted.set())
+    try:
+        assert aborted.wait(timeout=120)
+    finally:
+        watchdog.stop()
 
 
 TF_INTERNALS = """
@@ -116,7 +189,7 @@ import json, os, sys
 os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": ["127.0.0.1:" + sys.argv[1]]},
                                       "task": {"type": "worker", "index": 0}})
 import tensorflow as tf
-from trainer import tf_internals
+from trainer.train import tf_internals
 
 internals = tf_internals.resolve(tf)
 internals.configure_coordination(77)
@@ -149,21 +222,96 @@ def test_the_tensorflow_internals_exist_and_do_what_the_worker_needs():
         proc.stdout + proc.stderr[-3000:]
 
 
+def _ephemeral_range() -> range:
+    """The kernel's ephemeral ports: where bind(0), the fallback, takes one."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    return range(low, high + 1)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def test_the_collective_port_is_free_and_outside_the_ephemeral_range_where_outgoing_connections_take_theirs(
         tmp_path, monkeypatch):
-    import socket
-
-    from trainer import backend
+    from trainer.train import backend
 
     ranges = tmp_path / "ip_local_port_range"
     ranges.write_text("32768\t60999\n")
     monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(ranges))
     ports = {backend.free_port() for _ in range(20)}
     assert all(20_000 <= p < 32768 for p in ports) and len(ports) > 1  # two workers on a node differ
-    for port in ports:
-        with socket.socket() as s:
-            s.bind(("", port))  # free when picked
-    ranges.write_text("10000 60999\n")  # no room below it: the OS's choice
-    assert 10000 <= backend.free_port() <= 65535
-    monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(tmp_path / "missing"))
-    assert 0 < backend.free_port() <= 65535
+    assert all(_bindable(port) for port in ports)  # free when picked
+
+
+def test_the_collective_port_falls_back_to_the_kernels_choice_where_there_is_no_room_below_its_range(
+        tmp_path, monkeypatch):
+    """An ephemeral range that leaves no room above Ray's worker ports (10000-...), or too little
+    (500 ports: 20500-...), and a system without the file (not Linux) all take bind(0)'s port:
+    one of the kernel's own ephemeral range (the real one: the file read is a stand-in), free."""
+    from trainer.train import backend
+
+    kernel = _ephemeral_range()
+    assert kernel.start > 21_000, "this test tells the fallback's ports by the kernel's range above 21000"
+    for name, text in (("none", "10000 60999\n"), ("little", "20500 60999\n"), ("missing", None)):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(path))
+        ports = [backend.free_port() for _ in range(5)]
+        assert all(p in kernel and _bindable(p) for p in ports), (name, ports, kernel)
+
+
+def test_the_collective_port_falls_back_to_the_kernels_choice_when_every_try_below_the_range_is_taken(monkeypatch):
+    """A port below the range that is in use is skipped for the next try; when every try finds its
+    port in use, the kernel's choice is taken: free, and from its ephemeral range."""
+    from trainer.train import backend
+
+    kernel = _ephemeral_range()  # and backend reads the same file
+    assert kernel.start > 21_000, "this test needs room below the kernel's ephemeral range"
+    asked = []
+
+    class Picks:
+        """Stands in for backend._RANDOM: the given ports in turn (the last one again after them)."""
+
+        def __init__(self, *ports):
+            self.ports = ports
+
+        def randrange(self, low, high):
+            asked.append((low, high))
+            return self.ports[min(len(asked), len(self.ports)) - 1]
+
+    held = []  # ports below the range, in use (bound by this test) while free_port tries them
+    try:
+        for port in range(20_000, kernel.start):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == 4:
+                break
+        taken = [s.getsockname()[1] for s in held]
+        spare = taken.pop()
+        held.pop().close()  # the fourth, let go: free
+
+        monkeypatch.setattr(backend, "_RANDOM", Picks(*taken, spare))
+        assert backend.free_port() == spare and _bindable(spare)
+        assert asked == [(20_000, kernel.start)] * 4  # three tries in use, then a free one
+
+        asked.clear()
+        monkeypatch.setattr(backend, "_RANDOM", Picks(*taken))
+        port = backend.free_port(tries=7)
+        assert asked == [(20_000, kernel.start)] * 7  # every try found its port in use,
+        assert port in kernel and _bindable(port)  # so the kernel's choice
+    finally:
+        for s in held:
+            s.close()

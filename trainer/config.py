@@ -1,6 +1,6 @@
 """The job's one config object: every setting, each default defined once, validated on creation.
 
-The CLI is generated from these fields (trainer/cli.py); the config crosses the Ray boundary
+The CLI is generated from these fields (trainer/train/cli.py); the config crosses the Ray boundary
 as a plain dict (`dataclasses.asdict(cfg)` on the driver, `Config(**d)` on the worker).
 """
 
@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from trainer.common.cli import FIELD_TYPES, INSTANCE_OF, option
+from trainer.common.errors import UsageError
 
 MODELS = ("mlp", "cnn")
 PLACEMENTS = ("PACK", "SPREAD")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
-def parse_workers(text: str) -> int | tuple[int, int]:
-    """--num-workers: '4' is a fixed 4 workers; '2-4' is elastic, between 2 and 4 (a ValueError if neither)."""
-    low, dash, high = str(text).strip().partition("-")
-    if not dash:
-        return int(low)
-    return int(low), int(high)
-
-
-parse_workers.__name__ = "N or MIN-MAX"  # what argparse's "invalid ... value" message calls it
-# Each annotation a Config field may have: (the type a flag's text parses to, whether None is allowed).
-# The CLI and the validation both read it; a field with any other annotation fails at import.
-FIELD_TYPES = {"int": (int, False), "float": (float, False), "bool": (bool, False), "str": (str, False),
-               "int | None": (int, True), "float | None": (float, True), "str | None": (str, True),
-               "int | tuple[int, int]": (parse_workers, False)}
-INSTANCE_OF = {float: (int, float), parse_workers: (int, tuple)}  # what a parsed value may be, where not its parser
 DATA_PATHS = ("auto", "memory", "stream")
 STREAM_ABOVE_ROWS = 250_000  # --data-path auto streams past this many training rows (docs/performance.md)
 BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning rate's reference
@@ -43,8 +31,8 @@ RESULT = "result"  # what a finished run learned (with WEIGHTS): a change is a r
 
 
 def _opt(default, help, shapes: str | None = None, **extra):
-    """A dataclass field that carries its CLI help, what it shapes, and optional choices."""
-    return field(default=default, metadata={"help": help, "shapes": shapes, **extra})
+    """An option (trainer/common/cli.py) that also says what it shapes: WEIGHTS, RESULT or nothing."""
+    return option(default, help, shapes=shapes, **extra)
 
 
 def fields_shaping(*what: str) -> tuple[str, ...]:
@@ -62,7 +50,7 @@ class Config:
     data_path: str = _opt(
         "auto", "how workers get the training rows: memory (the driver hands Ray Data the split, each "
         "worker keeps its shard), stream (each worker reads its share from the Parquet files every "
-        "epoch, a shuffle buffer at a time: memory stays flat as the data grows; see trainer/stream.py), "
+        "epoch, a shuffle buffer at a time: memory stays flat as the data grows; see trainer/data/stream.py), "
         f"or auto: memory up to {STREAM_ABOVE_ROWS:,} training rows, stream above", choices=DATA_PATHS)
     output: str = _opt("models", "local directory for mnist.keras, mnist.h5, metrics.json, "
                        "evaluation.json and the plots")
@@ -91,7 +79,7 @@ class Config:
     seed: int = _opt(0, "seed for weight init and shuffling", shapes=WEIGHTS)
     init_from: str | None = _opt(
         None, "start from a trained model's weights instead of random ones: a .keras or .h5 file, "
-        "or store:current / store:VERSION from --store (see trainer/warm.py)", shapes=RESULT)
+        "or store:current / store:VERSION from --store (see trainer/train/warm.py)", shapes=RESULT)
     init_optimizer: bool = _opt(False, "with --init-from: also start from its RMSprop state "
                                 "(a .keras file keeps it); else the optimizer starts fresh", shapes=RESULT)
     store: str | None = _opt(None, "a model store directory (mnist-retrain's): where --init-from "
@@ -136,7 +124,7 @@ class Config:
         "for `tensorboard --logdir`; a local path, or gs://")
     export_savedmodel: bool = _opt(False, "also write a TensorFlow SavedModel with a serving signature "
                                    "to <output>/mnist_savedmodel")
-    # Tracking (MLflow, optional: trainer/tracking.py).
+    # Tracking (MLflow, optional: trainer/track/).
     track: bool = _opt(False, "record the run in MLflow (pip install -e \".[tracking]\"): at --tracking-uri, else "
                        "$MLFLOW_TRACKING_URI, else an embedded SQLite store <output>/mlflow.db, which needs no server")
     tracking_uri: str | None = _opt(
@@ -156,7 +144,7 @@ class Config:
             object.__setattr__(self, "batch_size", _default_batch_size(self))
         problems = list(_problems(self))
         if problems:
-            raise ValueError(problems[0])
+            raise UsageError(problems[0])
         if self.tensorboard_dir and "://" not in self.tensorboard_dir:  # Ray Train runs workers elsewhere
             object.__setattr__(self, "tensorboard_dir", os.path.abspath(self.tensorboard_dir))
 
@@ -183,7 +171,7 @@ class Config:
     def from_dict(cls, values: dict) -> "Config":
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise UsageError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**values)
 
 

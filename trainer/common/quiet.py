@@ -1,0 +1,86 @@
+"""Keep library chatter off the console and in log files; --verbose turns all of this off.
+
+TensorFlow 2.21 writes C++ notices (oneDNN, "could not find cuda drivers", absl's "All log
+messages before absl::InitializeLog()") straight to file descriptor 2 while it is imported, whatever
+TF_CPP_MIN_LOG_LEVEL says (tensorflow#100442). So the import runs with fd 2 pointed at a log file,
+`log_file()`, which also gets a failed worker's full traceback (the console gets a summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import sys
+import tempfile
+import traceback
+
+
+@contextlib.contextmanager
+def stderr_to(path: str):
+    """Point this process's file descriptor 2 at `path` (appending) while the block runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def log_dir() -> str:
+    """Where this process's chatter goes: beside its own stderr file when that is a file (a Ray
+    worker's logs/worker-*.err), else the temp directory."""
+    try:
+        target = os.readlink("/proc/self/fd/2")
+        if stat.S_ISREG(os.stat(target).st_mode):
+            return os.path.dirname(target)
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def log_file() -> str:
+    """This process's own log: mnist-<pid>.log in log_dir()."""
+    return os.path.join(log_dir(), f"mnist-{os.getpid()}.log")
+
+
+def import_tensorflow(verbose: bool = False):
+    """`import tensorflow`, with its import-time C++ notices sent to log_file(), and those
+    of its first look at the devices ("failed call to cuInit" on a machine without a GPU)."""
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return tf
+    with stderr_to(log_file()):
+        import tensorflow as tf
+        tf.config.list_physical_devices()  # lists only: devices can still be hidden afterwards
+    tf.get_logger().setLevel("ERROR")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Keras' "HDF5 is legacy" notice, among others
+    return tf
+
+
+def quiet_ray_train_console() -> None:
+    """Ray Train's own lines off a worker's console (they stay in its log files): the per-report
+    INFO lines, and the full traceback it logs when the training function raises (the driver prints
+    the worker's summary, trainer/train/failures.py). RunConfig(logging_config=LoggingConfig("WARNING"))
+    reaches the controller but, in Ray 2.60, not the workers' console handler."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.CRITICAL)
+
+
+def route_unraisable() -> None:
+    """Ray's worker_process_setup_hook for a quiet run: what Python can only report ("Exception
+    ignored in ... __del__"), such as Ray Data's SplitCoordinator stopped by Ray's SIGTERM inside
+    its executor's __del__ whenever the worker group is torn down (a restart, a failed run), goes to
+    log_file(), not to the console."""
+    def to_log(unraisable) -> None:
+        with open(log_file(), "a") as f:
+            f.write(f"{unraisable.err_msg or 'Exception ignored in'}: {unraisable.object!r}\n")
+            traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, file=f)
+
+    sys.unraisablehook = to_log

@@ -1,0 +1,148 @@
+"""Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, the
+controller's callbacks (restarts announced, epochs to MLflow), and the trainer that runs it.
+
+Ray's own `TensorflowConfig` does the same (TF_CONFIG on every worker) but lives in a package whose
+`__init__` imports TensorFlow, so the driver and Ray Train's controller would each pay that import
+(seconds) before any worker starts; it also sets TF_USE_LEGACY_KERAS=1, and this job is Keras 3.
+This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.train import UserCallback
+from ray.train.backend import Backend, BackendConfig
+
+from trainer.track.run import log_epoch
+from trainer.train import failures
+
+
+@dataclass
+class TFConfigSetup(BackendConfig):
+    """TF_CONFIG for MultiWorkerMirroredStrategy, plus the workers' TensorFlow log level."""
+
+    tf_log_level: str = "3"  # TF_CPP_MIN_LOG_LEVEL: 3 keeps C++ notices (cuInit, ...) off the console
+
+    @property
+    def backend_cls(self):
+        return _TFConfigBackend
+
+
+def _address() -> str:
+    """This worker's node IP and a free port for TensorFlow's collective server, which binds it
+    seconds later (after TensorFlow imports)."""
+    ip = ray.util.get_node_ip_address()
+    port = free_port()
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+ABOVE_RAY_WORKER_PORTS = 20_000  # Ray's workers take 10002-19999 (ray start --min/max-worker-port)
+_RANDOM = random.SystemRandom()  # not the seeded module state: two workers on a node must differ
+
+
+def free_port(tries: int = 50) -> int:
+    """A port that is free now, picked below the kernel's ephemeral range where it can: a port from
+    that range (what bind(0) gives) is also what every outgoing connection takes, and on a busy node
+    one did take ours before TensorFlow bound it ("Could not start gRPC server", a lost restart)."""
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0  # not Linux: the OS's choice
+    for _ in range(tries if ephemeral_low > ABOVE_RAY_WORKER_PORTS + 1000 else 0):
+        port = _RANDOM.randrange(ABOVE_RAY_WORKER_PORTS, ephemeral_low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _set_environment(addresses: list[str], rank: int, tf_log_level: str) -> None:
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
+                                          "task": {"type": "worker", "index": rank}})
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level  # read when TensorFlow is first imported
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+
+
+class _TFConfigBackend(Backend):
+    def on_start(self, worker_group, backend_config: TFConfigSetup):
+        addresses = worker_group.execute(_address)
+        ray.get([worker_group.execute_single_async(rank, _set_environment, addresses, rank,
+                                                   backend_config.tf_log_level)
+                 for rank in range(len(worker_group))])
+
+
+class Restarts(UserCallback):
+    """On Ray Train's controller, after each report and each worker failure: within --max-failures,
+    one line per restart and its record in <run>/restarts.json (trainer/train/failures.py); past it,
+    nothing (the driver says why the run failed)."""
+
+    def __init__(self, record_path: str, max_failures: int, epochs_done: int):
+        self.record_path, self.max_failures, self.epochs_done, self.failures = record_path, max_failures, epochs_done, 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None and metrics and "epoch" in metrics[0]:
+            self.epochs_done = metrics[0]["epoch"]
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.failures += 1
+        if self.max_failures != -1 and self.failures > self.max_failures:
+            return  # Ray Train gives up; the driver prints why
+        entry = {"restart": self.failures, "of": self.max_failures, "cause": failures.cause(worker_exceptions)[1],
+                 "continuing_from_epoch": self.epochs_done + 1, "at_unix": time.time(),
+                 "workers": failures.worker_summaries(worker_exceptions)}
+        of = "unlimited" if self.max_failures == -1 else self.max_failures
+        sys.stdout.write(f"restarted after a worker failure ({entry['cause']}): continuing from epoch "
+                         f"{entry['continuing_from_epoch']}, restart {self.failures} of {of}\n")
+        sys.stdout.flush()
+        failures.append_record(self.record_path, entry)
+
+
+class EpochMetrics(UserCallback):
+    """On Ray Train's controller, after each epoch's report: rank 0's numbers to the MLflow run, live
+    (trainer/track/run.py). The workers never wait on it: their reports do not."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "epoch" in metrics[0]:
+            log_epoch(self.uri, self.run_id, metrics[0])
+
+
+def trainer_class(local: bool):
+    """Ray Train's DataParallelTrainer; for a Ray this process started, one without the placement
+    group cleaner: that detached actor polls the dashboard's state API every second so that a
+    controller that dies on a shared cluster leaves no reserved CPUs behind. A local Ray ends with
+    this process, placement groups and all, and runs without a dashboard (seconds of start-up).
+    The cleaner and the hook that creates it are Ray's internals: if an upgrade moves either, the
+    stock trainer runs (a few seconds slower to start), not an ImportError."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return DataParallelTrainer
+    if not local or not hasattr(DataParallelTrainer, "_create_default_callbacks"):
+        return DataParallelTrainer
+
+    class LocalTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return LocalTrainer

@@ -1,0 +1,154 @@
+"""What runs on each Ray Train worker: open this worker's share, start TensorFlow, build the model,
+then each epoch run the distributed step (trainer/train/step.py) over the share
+(trainer/train/share.py), report metrics and a checkpoint, and let the watchdog
+(trainer/train/watchdog.py) bound every wait on a peer.
+
+TensorFlow is imported inside the loop, not at the top of this module: the worker starts pulling
+its Ray Data shard first, and the import (seconds) overlaps with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray.train
+
+from trainer.common import quiet
+from trainer.common.timeline import peak_rss_mb, process_start_time
+from trainer.config import Config, rank_batch, steps_per_epoch
+from trainer.train import checkpoint, warm
+from trainer.train.elastic import resizes
+from trainer.train.failures import WorkerFailure
+from trainer.train.loop_config import LoopConfig
+from trainer.train.share import open_share
+from trainer.train.step import build, make_all_reduce_sum, make_train_steps, run_epoch, start_tensorflow
+from trainer.train.tensorboard import EpochWriter  # imports TensorFlow only when a writer is made
+from trainer.train.watchdog import Watchdog
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    loop = LoopConfig.from_dict(loop_config)
+    if not loop.config.verbose:
+        quiet.quiet_ray_train_console()
+    try:
+        _train(loop.config, loop)
+    except WorkerFailure:
+        raise
+    except Exception as exc:  # crosses to the controller and driver as data: a WorkerFailure
+        raise failure(exc) from None
+
+
+def failure(exc: BaseException, watchdog: Watchdog | None = None) -> WorkerFailure:
+    """`exc` as this worker's WorkerFailure; its full traceback goes to the worker's log."""
+    log = quiet.log_file()
+    with open(log, "a") as f:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+    return WorkerFailure.of(exc, ray.train.get_context().get_world_rank(), log, watchdog.fired if watchdog else None)
+
+
+def _train(cfg: Config, loop: LoopConfig) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    marks = {"worker_started": process_start_time(), "loop_started": time.time()}
+    shard = None if loop.stream else ray.train.get_dataset_shard("train")
+    with ThreadPoolExecutor(1) as pool:  # the shard is read (or planned) while TensorFlow imports
+        opening = pool.submit(open_share, cfg, loop.stream or shard, world, rank)
+        tf, strategy, internals = start_tensorflow(cfg)
+        marks["tensorflow_imported"] = time.time()
+        index, epoch_data = opening.result()
+    marks["shard_in_memory"] = time.time()
+    # The global batch is the same at every world size; this rank's share, and the steps all ranks run:
+    batch, steps = rank_batch(cfg.batch_size, world, rank), steps_per_epoch(len(index), cfg.batch_size, world)
+    model = build(strategy, cfg, steps)
+    if loop.init:  # --init-from: a trained model's weights; a checkpoint, if any, overrides
+        warm.apply(model, **loop.init)
+    epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
+    train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
+    board = EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir and rank == 0 else None
+    previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
+    launched = [h["first_step_unix"] for h in history if h.get("launch") == loop.launch]
+    if launched:  # a restart within this launch: its first step was an earlier group's
+        marks["first_step"] = min(launched)
+    watchdog = Watchdog(cfg.stall_timeout_s, internals.abort_collectives)
+    try:
+        info = {**shard_info(all_reduce_sum, index, loop.train_rows), "rank": rank, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
+        marks["collectives_ready"] = time.time()
+        for epoch in range(epochs_done, cfg.epochs):
+            with epoch_data(batch, steps, seed=(cfg.seed, rank, epoch)) as chunks:
+                record = run_epoch(train_steps, all_reduce_sum, chunks, batch, steps, progress=watchdog.beat)
+            record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0, world_size=world,
+                          launch=loop.launch,
+                          learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)),
+                          **{k: info[k] for k in ("global_rows_seen", "global_rows_duplicated")})
+            if epoch == epochs_done and previous_world != world:
+                record["resized_from"] = previous_world
+            history.append(record)
+            marks.setdefault("first_step", record["first_step_unix"])
+            marks["last_step"] = record["first_step_unix"] + record["seconds"]
+            if rank == 0:
+                _announce(record, cfg.epochs, history, board, model)
+            with watchdog.paused():  # a slow checkpoint upload is no stall of a peer
+                _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": peak_rss_mb()}, rank)
+    except Exception as exc:
+        raise failure(exc, watchdog) from None  # the watchdog says whether it cut the step short
+    finally:
+        watchdog.stop()
+        if board:
+            board.close()
+
+
+def shard_info(all_reduce_sum, index: np.ndarray, train_rows: int) -> dict:
+    """What this worker trains on, plus a global check that shards are disjoint and cover the data."""
+    counts = all_reduce_sum(np.bincount(index, minlength=train_rows)[:train_rows])
+    return {"rows": int(len(index)), "index_sha256": hashlib.sha256(np.sort(index).tobytes()).hexdigest(),
+            "global_rows_seen": int((counts > 0).sum()), "global_rows_duplicated": int((counts > 1).sum())}
+
+
+def _restore(model) -> tuple[int, list[dict]]:
+    """Continue from Ray's latest checkpoint, if the run has one (a restart or a resumed run)."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return 0, []
+    with latest.as_directory() as directory:
+        meta = checkpoint.load(directory, model)
+    return meta["epochs_done"], meta["history"]
+
+
+def _report(model, cfg: Config, epoch: int, history: list[dict], info: dict, rank: int) -> None:
+    """Every rank adds its own worker file to the epoch's checkpoint (Ray merges them); rank 0 the state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write_worker_info(tmp, rank, info)
+        if rank == 0:
+            checkpoint.save(tmp, model, epoch + 1, cfg.to_dict(), history)
+        ray.train.report({**history[-1], "global_rows_seen": info["global_rows_seen"],
+                          "global_rows_duplicated": info["global_rows_duplicated"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _announce(record: dict, epochs: int, history: list[dict], board, model) -> None:
+    """Rank 0's epoch line (sys.stdout, not print: Ray Train's print patch would log it twice)."""
+    if "resized_from" in record:
+        (resize,) = resizes([history[-2], record])
+        sys.stdout.write(f"resized from {resize['from']} to {resize['to']} workers after epoch "
+                         f"{resize['after_epoch']} ({resize['reason']}); continuing from its checkpoint\n")
+    sys.stdout.write(progress_line(record, epochs, history) + "\n")
+    sys.stdout.flush()
+    if board:
+        board.write(record, model.optimizer)
+
+
+def progress_line(record: dict, epochs: int, history: list[dict]) -> str:
+    per_epoch = float(np.median([h["seconds"] for h in history]))
+    left = per_epoch * (epochs - record["epoch"])
+    workers = record.get("world_size", 1)
+    return (f"epoch {record['epoch']}/{epochs}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
+            f"accuracy {record['accuracy']:.4f}  {record['samples_per_second']:,.0f} samples/s  "
+            f"{record['seconds']:.1f}s  ~{left:.0f}s left")
