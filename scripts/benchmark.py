@@ -40,6 +40,7 @@ from cpu_sampler import CpuSampler  # scripts/, beside this file
 
 from trainer.common.atomic import write_bytes_atomic, write_json_atomic
 from trainer.common.cli import script_parser
+from trainer.common.net import loopback_port
 from trainer.common.timeline import format_timeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +241,7 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
     temp_dir = tempfile.mkdtemp(prefix="mnbench-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_TOKEN_PATH": os.path.join(temp_dir, "auth_token")}
     env.pop("RAY_ADDRESS", None)
-    ports = [_free_port() for _ in range(2)]
+    ports = [loopback_port() for _ in range(2)]
     start = subprocess.run(["bash", os.path.join(ROOT, "scripts", "start_cluster.sh"), "--port", str(ports[0]),
                             "--dashboard-port", str(ports[1]), "--temp-dir", temp_dir],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -263,14 +264,6 @@ def _run_submitted(key: str, data: str, epochs: int, train_rows: int, extra: lis
            "wall_s": ended - started, "console_lines": _line_count(log, skip=RAY_CLI_LINE)}
     run.update(_job_figures(os.path.join(out_dir, "metrics.json"), started)[0])
     return run
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _line_count(log: str, skip: re.Pattern | None = None) -> int:

@@ -23,19 +23,12 @@ import urllib.request
 import numpy as np
 
 from trainer.common.cli import script_parser
+from trainer.common.net import loopback_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "data", "mnist_sample.npz")
 APPS = (("1 replica", ["--replicas", "1"]), ("2 replicas", ["--replicas", "2"]),
         ("1 replica, batching off", ["--replicas", "1", "--max-batch", "1"]))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def baseline(model_path: str, digit: np.ndarray, seconds: float) -> dict:
@@ -89,7 +82,7 @@ def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
 
 
 def serve(model_path: str, flags: list[str], log: str):
-    port = free_port()
+    port = loopback_port()
     proc = subprocess.Popen([sys.executable, "-m", "trainer.serve.app", "--model", model_path, "--port", str(port), *flags],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.common.net import loopback_port as free_port  # noqa: F401 - the name the tests use
 from trainer.store.record import VersionRecord
 from trainer.store.versions import PASSED
 
@@ -70,13 +70,6 @@ def run_job(*args: str, timeout: float = 420, env: dict | None = None) -> subpro
 def start_job(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(JOB), *args], cwd=ROOT, env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def free_port() -> int:
-    """A free port on loopback in the ephemeral range, so never inside Ray's worker ports (10002-19999)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

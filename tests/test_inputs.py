@@ -16,7 +16,6 @@ from tests.conftest import SAMPLE
 from trainer.model.images import mnist_like
 from trainer.serve.inputs import MAX_IMAGES, MAX_PIXELS, BadInput, PredictRequest, form_pictures, picture
 
-
 NOISE = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)  # a PNG of 880 bytes
 
 

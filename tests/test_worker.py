@@ -245,7 +245,7 @@ def test_the_collective_port_is_free_and_outside_the_ephemeral_range_where_outgo
     ranges = tmp_path / "ip_local_port_range"
     ranges.write_text("32768\t60999\n")
     monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(ranges))
-    ports = {backend.free_port() for _ in range(20)}
+    ports = {backend.collective_port() for _ in range(20)}
     assert all(20_000 <= p < 32768 for p in ports) and len(ports) > 1  # two workers on a node differ
     assert all(_bindable(port) for port in ports)  # free when picked
 
@@ -264,7 +264,7 @@ def test_the_collective_port_falls_back_to_the_kernels_choice_where_there_is_no_
         if text is not None:
             path.write_text(text)
         monkeypatch.setattr(backend, "EPHEMERAL_RANGE", str(path))
-        ports = [backend.free_port() for _ in range(5)]
+        ports = [backend.collective_port() for _ in range(5)]
         assert all(p in kernel and _bindable(p) for p in ports), (name, ports, kernel)
 
 
@@ -287,7 +287,7 @@ def test_the_collective_port_falls_back_to_the_kernels_choice_when_every_try_bel
             asked.append((low, high))
             return self.ports[min(len(asked), len(self.ports)) - 1]
 
-    held = []  # ports below the range, in use (bound by this test) while free_port tries them
+    held = []  # ports below the range, in use (bound by this test) while collective_port tries them
     try:
         for port in range(20_000, kernel.start):
             s = socket.socket()
@@ -304,12 +304,12 @@ def test_the_collective_port_falls_back_to_the_kernels_choice_when_every_try_bel
         held.pop().close()  # the fourth, let go: free
 
         monkeypatch.setattr(backend, "_RANDOM", Picks(*taken, spare))
-        assert backend.free_port() == spare and _bindable(spare)
+        assert backend.collective_port() == spare and _bindable(spare)
         assert asked == [(20_000, kernel.start)] * 4  # three tries in use, then a free one
 
         asked.clear()
         monkeypatch.setattr(backend, "_RANDOM", Picks(*taken))
-        port = backend.free_port(tries=7)
+        port = backend.collective_port(tries=7)
         assert asked == [(20_000, kernel.start)] * 7  # every try found its port in use,
         assert port in kernel and _bindable(port)  # so the kernel's choice
     finally:

@@ -40,7 +40,7 @@ def _address() -> str:
     """This worker's node IP and a free port for TensorFlow's collective server, which binds it
     seconds later (after TensorFlow imports)."""
     ip = ray.util.get_node_ip_address()
-    port = free_port()
+    port = collective_port()
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
@@ -49,7 +49,7 @@ ABOVE_RAY_WORKER_PORTS = 20_000  # Ray's workers take 10002-19999 (ray start --m
 _RANDOM = random.SystemRandom()  # not the seeded module state: two workers on a node must differ
 
 
-def free_port(tries: int = 50) -> int:
+def collective_port(tries: int = 50) -> int:
     """A port that is free now, picked below the kernel's ephemeral range where it can: a port from
     that range (what bind(0) gives) is also what every outgoing connection takes, and on a busy node
     one did take ours before TensorFlow bound it ("Could not start gRPC server", a lost restart)."""
