@@ -125,10 +125,11 @@ def test_the_server_script_installs_the_same_mlflow_release_as_the_client_extra(
     assert f'MLFLOW="mlflow=={client_pin.split("==")[1]}"' in script
 
 
-def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path):
+def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path, capfd):
     """sync_registry against an embedded store, with real Keras models in a real Store: every version
     with a model registered once, tagged with its decision and status, `champion` on current.json's
-    version through a rollback, and the champion loadable by URI."""
+    version through a rollback, and the champion loadable by URI. The console gets our one line,
+    not MLflow's own prints ("Successfully registered model ...")."""
     import keras
 
     from trainer.model.network import build_model
@@ -140,7 +141,13 @@ def test_the_registry_follows_the_store_versions_statuses_and_champion(tmp_path)
     second = add_version(store, REJECTED, 0.42, model=models[1], parent=first)
     add_version(store, "failed")  # no model: nothing to register
     cfg = Config(track=True)
+    capfd.readouterr()
     synced = sync_registry(store, cfg)
+    console = capfd.readouterr()
+    lines = [line for line in console.out.splitlines() if "MLflow" in line or "model" in line]
+    assert len(lines) == 1 and re.fullmatch(rf"MLflow registry: mnist has 2 store version\(s\), 2 added now; "
+                                            rf"champion is version \d \({first}\)", lines[0]), console.out
+    assert "registered model" not in console.err and "Created version" not in console.err, console.err
     mlflow_client = client(connection.tracking_uri(cfg, store.root))
     versions, champion = registry(mlflow_client)
     assert set(versions) == {first, second} and champion == first

@@ -11,7 +11,7 @@ from trainer.common import fs, quiet
 from trainer.config import Config
 from trainer.store.record import VersionRecord
 from trainer.store.versions import NO_MODEL, status_of
-from trainer.track.connection import client, experiment_for, given_up, tolerant, tracking_uri
+from trainer.track.connection import client, experiment_for, given_up, prints_to_log, tolerant, tracking_uri
 from trainer.track.run import MODEL, log_model, log_outcome
 
 CHAMPION = "champion"
@@ -53,7 +53,8 @@ def sync_registry(store, cfg: Config, name: str = REGISTERED_MODEL) -> dict | No
         added = []
         for vid, record in records.items():
             if vid not in registered and os.path.exists(store.model_path(vid)):
-                registered[vid] = _register(mlflow_client, uri, cfg, name, store, record)
+                with prints_to_log(cfg.verbose):
+                    registered[vid] = _register(mlflow_client, uri, cfg, name, store, record)
                 added.append(vid)
             if vid in registered:
                 _set_tags(mlflow_client, name, registered[vid], version_tags(record, pointer))

@@ -87,6 +87,18 @@ def client(uri: str, verbose: bool = False):
     return MlflowClient(uri)
 
 
+@contextlib.contextmanager
+def prints_to_log(verbose: bool = False):
+    """MLflow's own console prints in the block (`Successfully registered model 'mnist'.`, `Created
+    version '1' ...`: its eprint, to sys.stderr) go to the log file, like its log lines; --verbose
+    keeps them on the console."""
+    if verbose:
+        yield
+        return
+    with open(quiet.log_file(), "a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        yield
+
+
 def warn(uri: str, exc: BaseException) -> None:
     """The one warning line for `uri`, the traceback to the log file; this process is done with it."""
     with open(quiet.log_file(), "a") as f:
