@@ -6,8 +6,9 @@ exception of this project's, so unpickling it on Ray Train's controller and on t
 nothing (a TensorFlow error there imported TensorFlow, whose C++ start-up notices then reached the
 console). It carries fields: the kind of failure, the rank, the exception's type and message, the
 last frame in this project's code, the worker's log, and the peer or the seconds where the kind has
-them. `classify` decides the kind where the exception is, and is the one place that reads a third
-party's message text, for what no field says (TensorFlow's and gRPC's collective errors).
+them. `classify` decides the kind where the exception is, from fields where they exist;
+`read_words` is the one place that reads a third party's message text, for what no field says
+(TensorFlow's and gRPC's collective errors, Ray's word that a node died).
 
 Ray Train calls backend.Restarts (a UserCallback, on its controller) after every report and every
 worker failure. Within --max-failures it prints one line per restart
@@ -89,7 +90,7 @@ class WorkerFailure(RuntimeError):
         why = next((line for line in lines if "because" in line), lines[0] if lines else "")
         kind = ERROR
         if isinstance(failure, RayActorError):
-            kind = NODE_LOST if _NODE_DIED.search(str(failure)) else PROCESS_DIED
+            kind = NODE_LOST if read_words(str(failure))[0] == NODE_LOST else PROCESS_DIED
         return cls(kind, rank, type(failure).__name__, [why[:300]])
 
 
@@ -97,19 +98,31 @@ def classify(exc: BaseException, stalled_after: float | None = None) -> tuple[st
     """(kind, peer, seconds) of an exception a worker caught, the root cause first: a frozen or lost
     peer (TensorFlow's and gRPC's words: no field carries them), a peer late to Ray Train's report
     barrier (its error's fields), this worker's watchdog (its own record), else an error."""
-    text = str(exc)
-    frozen = _HEARTBEATS.search(text)
-    if frozen:
-        return PEER_FROZEN, int(frozen.group(1) or frozen.group(2)), None
-    lost = _CONNECTION.search(text)
-    if lost:
-        return PEER_LOST, int(lost.group(2)), None
+    kind, peer = read_words(str(exc))
+    if kind in (PEER_FROZEN, PEER_LOST):
+        return kind, peer, None
     missing = getattr(exc, "_missing_ranks", None)  # ray.train's BroadcastCollectiveTimeoutError
     if missing:
         return PEER_LATE, int(missing[0]), float(getattr(exc, "_timeout_s", 0) or 0)
     if stalled_after is not None:
         return STALLED, None, stalled_after
     return ERROR, None, None
+
+
+def read_words(text: str) -> tuple[str | None, int | None]:
+    """(kind, peer) from a third party's message text, for what no field says: TensorFlow's
+    coordination service (a peer's heartbeats stopped), gRPC (a peer's connection dropped; its task
+    index is its rank), Ray's ActorDiedError (its node died, not only its process). The one place
+    that reads such text; (None, None) if it says none of these."""
+    frozen = _HEARTBEATS.search(text)
+    if frozen:
+        return PEER_FROZEN, int(frozen.group(1) or frozen.group(2))
+    lost = _CONNECTION.search(text)
+    if lost:
+        return PEER_LOST, int(lost.group(2))
+    if _NODE_DIED.search(text):
+        return NODE_LOST, None
+    return None, None
 
 
 def message_lines(exc: BaseException) -> list[str]:
