@@ -8,10 +8,8 @@ storage path. Each failure is a ClusterError whose message says what was asked a
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import secrets
 import socket
 import time
 
@@ -77,20 +75,7 @@ def ray_settings(cfg: Config) -> dict[str, str]:
         # priority on both cores left them about 3% of a core each (a sample run: no epoch in 6
         # minutes, against 61 s at niceness 0 and 30 s with no hog; docs/operations.md).
         settings["RAY_worker_niceness"] = "0"
-        if not any(os.environ.get(name) for name in AUTH_SETTINGS):
-            # Token auth, as Ray 2.60 turns on for a local Ray, but with a token no file holds: Ray
-            # would write ~/.ray/auth_token with this process's umask (0644: readable by every local
-            # user), and a later `ray start` on this machine would reuse it (docs/operations.md).
-            settings.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_local_token())
     return settings
-
-
-AUTH_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # a user's own choice wins
-
-
-@functools.cache  # one a process: Ray caches the token it read, and a process may start Ray twice
-def _local_token() -> str:
-    return secrets.token_hex(32)
 
 
 @contextlib.contextmanager
@@ -119,7 +104,7 @@ def connect(ray, cfg: Config) -> None:
     if joined:
         ray.init(address=joined, log_to_driver=True, logging_level=level)
         return
-    if not cfg.verbose:  # Ray 2.60 says, as a WARNING, when it turns token auth on by itself (a user's own RAY_AUTH_*)
+    if not cfg.verbose:  # Ray 2.60 turns token auth on for a local Ray and says so, as a WARNING
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # No CPU kept back for Ray Data: the driver hands it tables already in the object store
     # (ray.data.from_arrow), so splitting them runs no tasks, even with every CPU held by a worker.
