@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from trainer.common import records
+
 SCHEMA = "mnist-version/2"
 SCHEMAS = (None, "mnist-version/1", SCHEMA)  # None: written before records said their schema
 # Fields a step adds only when it ran (the test metrics and the MLflow run, even if none, once
@@ -42,19 +44,13 @@ class VersionRecord:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        values = {k: v for k, v in values.items()
-                  if v is not None or not (k in LATER or (k == "tracking" and self.test_accuracy is None))}
-        return {"schema": SCHEMA, **values, **self.extra}
+        return records.dump(self, SCHEMA, {
+            k: v for k, v in records.fields_of(self).items()
+            if v is not None or not (k in LATER or (k == "tracking" and self.test_accuracy is None))})
 
     @classmethod
     def from_json(cls, value) -> VersionRecord:
         """A record from version.json's content; ValueError if it is not one."""
         if not isinstance(value, dict) or not isinstance(value.get("version"), str):
             raise ValueError("not a version record (no version id)")
-        if value.get("schema") not in SCHEMAS:
-            raise ValueError(f"a version record of schema {value.get('schema')!r}, which this code does not know "
-                             f"(it reads {', '.join(s for s in SCHEMAS if s)})")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in value.items() if k in names}
-        return cls(**known, extra={k: v for k, v in value.items() if k not in names and k != "schema"})
+        return records.load(cls, value, SCHEMAS, "a version record")

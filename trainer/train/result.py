@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from trainer.common import fs
+from trainer.common import fs, records
 from trainer.common.atomic import write_json_atomic
 
 SCHEMA = "mnist-run/2"
@@ -47,21 +47,15 @@ class RunMetrics:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        values = {k: v for k, v in values.items() if not (k in OPTIONAL and v is None)}
-        return {"schema": SCHEMA, **values, **self.extra}
+        return records.dump(self, SCHEMA, {k: v for k, v in records.fields_of(self).items()
+                                           if not (k in OPTIONAL and v is None)})
 
     @classmethod
     def from_json(cls, value) -> RunMetrics:
         """A record from metrics.json's content; ValueError if it is not one."""
         if not isinstance(value, dict) or "test_accuracy" not in value or "epochs" not in value:
             raise ValueError("not a run's metrics (no test_accuracy or epochs)")
-        if value.get("schema") not in SCHEMAS:
-            raise ValueError(f"run metrics of schema {value.get('schema')!r}, which this code does not know "
-                             f"(it reads {', '.join(s for s in SCHEMAS if s)})")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in value.items() if k in names},
-                   extra={k: v for k, v in value.items() if k not in names and k != "schema"})
+        return records.load(cls, value, SCHEMAS, "run metrics")
 
     def write(self, path: str) -> None:
         """metrics.json, atomically (a temp name, then a rename)."""
