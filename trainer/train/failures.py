@@ -151,26 +151,25 @@ def cause(worker_failures: dict) -> tuple[int, str]:
     """(rank, one phrase) for why the group failed, the root cause first: a worker whose node went or
     whose process died, a peer whose heartbeats stopped, whose connection dropped or that never
     reached ray.train.report (the peer is named), the watchdog, else the first worker's exception."""
+    if not worker_failures:
+        raise ValueError("no worker failures to explain")
     found = {rank: WorkerFailure.from_ray(rank, error) for rank, error in sorted(worker_failures.items())}
-    for kind in KINDS:
-        for rank, failure in found.items():
-            if failure.kind != kind:
-                continue
-            peer = failure.peer if failure.peer in found else rank
-            if kind == NODE_LOST:
-                return rank, f"the node of rank {rank} was lost"
-            if kind == PROCESS_DIED:
-                return rank, f"rank {rank}'s process died"
-            if kind == PEER_FROZEN:
-                return peer, f"heartbeat timeout on rank {failure.peer}"
-            if kind == PEER_LOST:
-                return peer, f"lost the connection to rank {failure.peer}"
-            if kind == PEER_LATE:
-                return peer, f"no progress for {failure.seconds:g}s on rank {failure.peer}"
-            if kind == STALLED:
-                return rank, f"no progress for {failure.seconds:g}s on rank {rank}"
-            return rank, f"{failure.exception}: {failure.message[0]}"[:200] + f" on rank {rank}"
-    raise ValueError("no worker failures to explain")
+    # The most telling kind (KINDS' order), the lowest rank among those of that kind.
+    rank, failure = min(found.items(), key=lambda item: KINDS.index(item[1].kind))
+    kind, peer = failure.kind, failure.peer if failure.peer in found else rank
+    if kind == NODE_LOST:
+        return rank, f"the node of rank {rank} was lost"
+    if kind == PROCESS_DIED:
+        return rank, f"rank {rank}'s process died"
+    if kind == PEER_FROZEN:
+        return peer, f"heartbeat timeout on rank {failure.peer}"
+    if kind == PEER_LOST:
+        return peer, f"lost the connection to rank {failure.peer}"
+    if kind == PEER_LATE:
+        return peer, f"no progress for {failure.seconds:g}s on rank {failure.peer}"
+    if kind == STALLED:
+        return rank, f"no progress for {failure.seconds:g}s on rank {rank}"
+    return rank, f"{failure.exception}: {failure.message[0]}"[:200] + f" on rank {rank}"
 
 
 def explain(error: BaseException, restarts: int) -> str:
