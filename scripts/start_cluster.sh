@@ -8,7 +8,8 @@
 # --temp-dir (MNIST_RAY_TEMP_DIR, /tmp/mnist-ray-<port>: this cluster's sessions, logs and state),
 # --timeout (MNIST_RAY_START_TIMEOUT, 120 s to wait for the job server).
 # The token is $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (created
-# if missing, always chmod 600). Clients need RAY_AUTH_MODE=token; the script prints what to export.
+# owner-only if missing; one that others can read is refused). Clients need RAY_AUTH_MODE=token;
+# the script prints what to export.
 # What it started is recorded in <temp-dir>/cluster.env; stop_cluster.sh stops exactly that.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,8 +60,13 @@ if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
     mkdir -p "$(dirname "$TOKEN_FILE")"
     (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$TOKEN_FILE")  # 256 bits, as Ray's own
     echo "created token $TOKEN_FILE"
+  elif [ -n "$(find "$TOKEN_FILE" -maxdepth 0 -perm /077)" ]; then
+    # The token is the cluster's only lock. One others could read may already be in their hands
+    # (Ray itself writes ~/.ray/auth_token with the umask: 0644 on most machines); tightening it
+    # now would not take it back.
+    echo "error: $TOKEN_FILE can be read by others (mode $(stat -c %a "$TOKEN_FILE")), so anyone on this machine may hold the cluster's token: remove it (a new one is made), or chmod 600 it if you are sure nobody read it, and start again" >&2
+    exit 2
   fi
-  chmod 600 "$TOKEN_FILE"  # the token is the cluster's only lock: owner-only
 fi
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

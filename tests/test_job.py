@@ -177,3 +177,21 @@ def test_a_run_whose_outputs_were_lost_is_evaluated_again_without_training(finis
     assert metrics["test_accuracy"] == pytest.approx(read_metrics(output)["test_accuracy"], abs=1e-6)
     assert list(metrics["timeline"]) == ["process_start", "evaluation_done", "outputs_written"]
     assert "first training step" not in proc.stdout.splitlines()[-1]
+
+
+def test_the_token_file_of_the_jobs_own_ray_is_owner_only(tmp_path):
+    """Ray 2.60 turns token auth on for a local Ray and, with no token, writes ~/.ray/auth_token with
+    the umask (0644 here), which a later `ray start` reuses. The job writes it owner-only first
+    (tests/test_token.py); here, one that others could read (an older run's) is made owner-only with
+    one line saying so, and the job's Ray runs with it: the same token, not a new file."""
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    token.parent.mkdir(parents=True)
+    token.write_text("c" * 64)
+    token.chmod(0o644)
+    proc = run_job("--data", str(SAMPLE), "--epochs", "1", "--num-workers", "1", "--output", str(tmp_path / "out"),
+                   env={"HOME": str(token.parent.parent)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == "c" * 64
+    notes = [line for line in proc.stderr.splitlines() if "token" in line]
+    assert notes == [f"note: Ray's token file {token} could be read by others (mode 644); it is owner-only now "
+                     "(600). Anyone who read it holds the token: remove the file for a new one"], proc.stderr

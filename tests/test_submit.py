@@ -329,3 +329,22 @@ def test_cluster_scripts_reject_bad_input_in_one_line(tmp_path):
     assert nothing.returncode == 1
     assert nothing.stderr == f"error: no cluster recorded at {tmp_path}/cluster.env " \
                              "(nothing started by scripts/start_cluster.sh there)\n"
+
+
+def test_start_cluster_refuses_a_token_file_others_can_read(tmp_path):
+    """A token file with group or other bits (Ray's own ~/.ray/auth_token is written with the umask,
+    0644 here) may already be in other hands: refused in one line before anything starts, and left
+    as it was; an owner-only one, or none, goes on (a new one is made owner-only)."""
+    env = script_env(str(tmp_path))
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    token.write_text("a" * 64)
+    for mode in (0o644, 0o640, 0o604):
+        token.chmod(mode)
+        refused = subprocess.run(["bash", str(START), "--temp-dir", str(tmp_path)], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stdout + refused.stderr
+        assert refused.stderr == (f"error: {token} can be read by others (mode {mode:o}), so anyone on this machine "
+                                  "may hold the cluster's token: remove it (a new one is made), or chmod 600 it "
+                                  "if you are sure nobody read it, and start again\n")
+        assert token.stat().st_mode & 0o777 == mode and token.read_text() == "a" * 64
+        assert not (tmp_path / "cluster.env").exists()

@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import stat
+import sys
 import time
+from pathlib import Path
 
 from trainer.common import errors
 from trainer.config import Config
@@ -106,12 +110,44 @@ def connect(ray, cfg: Config) -> None:
         return
     if not cfg.verbose:  # Ray 2.60 turns token auth on for a local Ray and says so, as a WARNING
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    notice = owner_only_token()
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     # No CPU kept back for Ray Data: the driver hands it tables already in the object store
     # (ray.data.from_arrow), so splitting them runs no tasks, even with every CPU held by a worker.
     ray.init(address="local", num_cpus=cfg.local_cpus or os.cpu_count() or 1,
              num_gpus=None if cfg.use_gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level,
              runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.common.quiet.route_unraisable"})
+
+
+def owner_only_token() -> str | None:
+    """Before a local Ray starts: the token file it will use, owner-only from the start.
+
+    Ray 2.60 turns token auth on for a local Ray and, finding no token, writes ~/.ray/auth_token
+    with the process's umask (0644 on most machines: readable by every local user); a later `ray
+    start` on the machine reuses that file as its cluster's only lock. So the job writes the file
+    first, created with mode 0600 (the same 256-bit hex token Ray would make), and Ray reuses it. A
+    file that others can already read is made owner-only, and the returned line says so. Nothing is
+    done where the user chose otherwise: $RAY_AUTH_MODE other than token, or $RAY_AUTH_TOKEN set."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o077:
+            return None
+        path.chmod(mode & 0o700)
+        return (f"note: Ray's token file {path} could be read by others (mode {mode:o}); it is owner-only now "
+                "(600). Anyone who read it holds the token: remove the file for a new one")
+    except OSError as exc:
+        raise ClusterError(f"cannot write Ray's token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return None
 
 
 def on_loopback(joined: str | None) -> bool:
