@@ -80,3 +80,18 @@ def test_bad_input_is_one_line_error_before_any_run(tmp_path):
     assert no_baseline.returncode == 1
     assert no_baseline.stderr.startswith("error: --runs must include a (the baseline) and name only a, b, c, ")
     assert no_baseline.stderr.endswith("; got 'b,c'\n") and no_baseline.stderr.count("\n") == 1
+
+
+@pytest.mark.timeout(300)
+def test_the_all_reduce_profile_times_the_step_and_names_its_collectives():
+    """scripts/allreduce_profile.py at its smallest: the job's step in two processes on loopback, and
+    the collective alone; no Ray. Checks what it prints, not how fast (the machine may be busy)."""
+    done = subprocess.run([sys.executable, "scripts/allreduce_profile.py", "--variants", "step-bf16,reduce-tiny",
+                           "--rounds", "1", "--repeat", "1", "--steps-per-call", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = done.stdout.splitlines()
+    assert rows[-5] == "2 workers, global batch 128, not pinned; median of 1 passes:"
+    assert re.fullmatch(r"step-bf16 +\d+\.\d\d ms/step wall +\d+\.\d\d CPU ms/step \(all processes\)", rows[-4])
+    assert rows[-2:] == ["step-bf16: collective ops in the traced step: CollectiveReduceV2 of bfloat16",
+                         "reduce-tiny: collective ops in the traced step: CollectiveReduceV2 of float32"]
