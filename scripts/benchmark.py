@@ -7,6 +7,9 @@ Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for 
   a  scripts/plain_keras.py: the tutorial, model.fit in one process
   b  jobs/train_mnist.py, 1 worker given every core (as plain Keras has), global batch 128
   c  2 workers, global batch 128
+  c32, cu, c0  the same with the gradients all-reduced in float32 (--allreduce-dtype float32), with
+     the workers not pinned to cores (--pin-cpus no), and with neither (the job before both): what
+     each lever saves (not default runs: `--runs a,b,c,c32,cu,c0`)
   cs the same, each worker streaming its share from the Parquet files (--data-path stream; not a
      default run: `--runs a,c,cs` sets the streaming path beside the in-memory one)
   ct the same as c, tracked in MLflow (--track: the embedded SQLite store, or --tracking-uri's
@@ -53,6 +56,10 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
     "a": ("plain Keras, 1 process", 1, None),
     "b": (f"job, 1 worker ({CORES} CPUs), batch 128", 1, ("--num-workers", "1", "--cpus-per-worker", str(CORES))),
     "c": ("job, 2 workers, batch 128", 2, ("--num-workers", "2")),
+    "c32": ("job, 2 workers, batch 128, float32 all-reduce", 2, ("--num-workers", "2", "--allreduce-dtype", "float32")),
+    "cu": ("job, 2 workers, batch 128, not pinned", 2, ("--num-workers", "2", "--pin-cpus", "no")),
+    "c0": ("job, 2 workers, batch 128, neither (before)", 2,
+           ("--num-workers", "2", "--pin-cpus", "no", "--allreduce-dtype", "float32")),
     "cs": ("job, 2 workers, batch 128, streamed", 2, ("--num-workers", "2", "--data-path", "stream")),
     "ct": ("job, 2 workers, batch 128, tracked in MLflow", 2, ("--num-workers", "2", "--track")),
     "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),

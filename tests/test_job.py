@@ -1,6 +1,7 @@
 """The real job, end to end: local Ray, Ray Train workers, TensorFlow, on the committed sample."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def test_workers_trained_on_disjoint_equal_shards_covering_the_sample(finished):
     assert all(s["global_rows_seen"] == SAMPLE_TRAIN_ROWS for s in shards)  # cover
     assert all(s["global_rows_duplicated"] == 0 for s in shards)  # disjoint
     assert_each_step_used_the_global_batch(read_metrics(output), SAMPLE_TRAIN_ROWS)
+
+
+def test_each_worker_of_the_jobs_own_ray_ran_on_cores_of_its_own(finished):
+    """--pin-cpus auto on a Ray the job started: worker i on core i, when the machine has the cores
+    (a worker alone gets both of --local-cpus 2's cores only with --cpus-per-worker 2: here one)."""
+    workers, output, _ = finished
+    cores = [s["cores"] for s in read_metrics(output)["workers"]]
+    available = sorted(os.sched_getaffinity(0))
+    assert cores == [[available[rank]] for rank in range(workers)] if len(available) >= workers else [None] * workers
 
 
 def test_saved_model_loads_in_a_fresh_process_and_matches_metrics(finished):

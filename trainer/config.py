@@ -15,10 +15,12 @@ from trainer.common.errors import UsageError
 
 MODELS = ("mlp", "cnn")
 PLACEMENTS = ("PACK", "SPREAD")
+PIN_CPUS = ("auto", "yes", "no")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 DATA_PATHS = ("auto", "memory", "stream")
+ALLREDUCE_DTYPES = ("bfloat16", "float32")
 STREAM_ABOVE_ROWS = 250_000  # --data-path auto streams past this many training rows (docs/performance.md)
 BASE_BATCH_SIZE = 128  # the tutorial's: the default global batch, the learning rate's reference
 TENSORBOARD_SCHEMES = ("file", "gs")  # what tf.summary can write to in a stock TensorFlow
@@ -92,6 +94,12 @@ class Config:
         60.0, "with --num-workers MIN-MAX: seconds between Ray Train's checks for room to grow "
         "(each resize restarts the workers from the latest checkpoint)")
     cpus_per_worker: int = _opt(1, "CPUs reserved per worker; also TensorFlow's thread count")
+    pin_cpus: str = _opt(
+        "auto", "give each worker cores of its own (CPU affinity: the i-th worker on a node gets its "
+        "--cpus-per-worker cores from the i-th group), so that its TensorFlow threads and its all-reduce's "
+        "threads share them: auto on a Ray this job starts itself, where nothing else runs; yes on a "
+        "cluster too (nodes that run nothing else); no never. Pins nothing where the node has fewer "
+        "cores than its workers ask for (docs/performance.md, the all-reduce)", choices=PIN_CPUS)
     use_gpu: bool = _opt(False, "one GPU per worker", shapes=RESULT)
     placement_strategy: str = _opt(
         "PACK", "PACK workers onto few nodes, or SPREAD them across nodes", choices=PLACEMENTS)
@@ -116,6 +124,10 @@ class Config:
         "and Ray Train restarts the group (--max-failures). A process that dies is noticed at once")
     # Speed.
     steps_per_call: int = _opt(20, "training steps per tf.function call (fewer Python round trips)")
+    allreduce_dtype: str = _opt(
+        "bfloat16", "the type gradients cross the workers in, each step: bfloat16 (half the bytes of the "
+        "all-reduce, float32's range; the update itself stays float32) or float32. One worker reduces "
+        "nothing and stays float32 (docs/performance.md, the all-reduce)", choices=ALLREDUCE_DTYPES)
     # What users look at.
     augment: bool = _opt(False, "random rotation (10 deg), translation and zoom (10%) while training; "
                          "off at evaluation and in the saved model's predictions", shapes=WEIGHTS)

@@ -191,7 +191,8 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
             cfg, plan.train_rows, launch=uuid.uuid4().hex[:8],
             init={"weights": start.weights, "slots": start.slots} if start else None,
             stream={"path": plan.parquet_dir, "files": plan.manifest.files("train")} if plan.streaming
-            else None).to_dict(),
+            else None,
+            pin=cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and not cluster.address(cfg))).to_dict(),
         backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,

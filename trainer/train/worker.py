@@ -28,7 +28,7 @@ from trainer.train.elastic import resizes
 from trainer.train.failures import WorkerFailure
 from trainer.train.loop_config import LoopConfig
 from trainer.train.share import open_share
-from trainer.train.step import build, make_all_reduce_sum, make_train_steps, run_epoch, start_tensorflow
+from trainer.train.step import build, make_all_reduce_sum, make_train_steps, pin_to_cores, run_epoch, start_tensorflow
 from trainer.train.tensorboard import EpochWriter  # imports TensorFlow only when a writer is made
 from trainer.train.watchdog import Watchdog
 
@@ -58,6 +58,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     marks = {"worker_started": process_start_time(), "loop_started": time.time()}
     shard = None if loop.stream else ray.train.get_dataset_shard("train")
+    # Before any thread of TensorFlow's exists: they inherit the cores.
+    cores = pin_to_cores(ctx.get_local_rank(), ctx.get_local_world_size(), cfg.cpus_per_worker) if loop.pin else None
     with ThreadPoolExecutor(1) as pool:  # the shard is read (or planned) while TensorFlow imports
         opening = pool.submit(open_share, cfg, loop.stream or shard, world, rank)
         tf, strategy, internals = start_tensorflow(cfg)
@@ -70,7 +72,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     if loop.init:  # --init-from: a trained model's weights; a checkpoint, if any, overrides
         warm.apply(model, **loop.init)
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
-    train_steps, all_reduce_sum = make_train_steps(tf, strategy, model, cfg.batch_size), make_all_reduce_sum(tf, strategy)
+    train_steps = make_train_steps(tf, strategy, model, cfg.batch_size, cfg.allreduce_dtype)
+    all_reduce_sum = make_all_reduce_sum(tf, strategy)
     board = EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir and rank == 0 else None
     previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
     launched = [h["first_step_unix"] for h in history if h.get("launch") == loop.launch]
@@ -79,7 +82,7 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     watchdog = Watchdog(cfg.stall_timeout_s, internals.abort_collectives)
     try:
         info = {**shard_info(all_reduce_sum, index, loop.train_rows), "rank": rank, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "batch": batch}
+                "node_id": ray.get_runtime_context().get_node_id(), "batch": batch, "cores": cores}
         marks["collectives_ready"] = time.time()
         for epoch in range(epochs_done, cfg.epochs):
             with epoch_data(batch, steps, seed=(cfg.seed, rank, epoch)) as chunks:
