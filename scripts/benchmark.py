@@ -7,6 +7,7 @@ Runs, each a fresh subprocess (so its times include Python, TensorFlow and, for 
   a  scripts/plain_keras.py: the tutorial, model.fit in one process
   b  jobs/train_mnist.py, 1 worker given every core (as plain Keras has), global batch 128
   c  2 workers, global batch 128
+  csu the streamed run, not pinned (--pin-cpus no; not a default run)
   c32, cu, c0  the same with the gradients all-reduced in float32 (--allreduce-dtype float32), with
      the workers not pinned to cores (--pin-cpus no), and with neither (the job before both): what
      each lever saves (not default runs: `--runs a,b,c,c32,cu,c0`)
@@ -61,6 +62,8 @@ RUNS = {  # key: (label, workers, job flags); key "a" is the plain Keras baselin
     "c0": ("job, 2 workers, batch 128, neither (before)", 2,
            ("--num-workers", "2", "--pin-cpus", "no", "--allreduce-dtype", "float32")),
     "cs": ("job, 2 workers, batch 128, streamed", 2, ("--num-workers", "2", "--data-path", "stream")),
+    "csu": ("job, 2 workers, batch 128, streamed, not pinned", 2,
+            ("--num-workers", "2", "--data-path", "stream", "--pin-cpus", "no")),
     "ct": ("job, 2 workers, batch 128, tracked in MLflow", 2, ("--num-workers", "2", "--track")),
     "d512": ("job, 2 workers, batch 512", 2, ("--num-workers", "2", "--batch-size", "512", *SCALED)),
     "d1024": ("job, 2 workers, batch 1024", 2, ("--num-workers", "2", "--batch-size", "1024", *SCALED)),

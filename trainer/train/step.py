@@ -23,8 +23,8 @@ from trainer.train import tf_internals
 
 
 def pin_to_cores(local_rank: int, local_world: int, cpus: int) -> list[int] | None:
-    """This worker process, every thread it has and every thread it makes later (TensorFlow's pools,
-    its collectives' gRPC threads), on the `local_rank`-th group of `cpus` cores of those it may use.
+    """This worker process, every thread it has (TensorFlow's pools, its collectives' gRPC threads)
+    and every one they start later, on the `local_rank`-th group of `cpus` cores of those it may use.
     Two workers of one core each stepped 1.4x faster pinned than left to the scheduler, whose
     migrations of the all-reduce's threads between the cores cost more than the sharing
     (docs/performance.md). None, pinning nothing, where the node's cores are fewer than its workers ask."""

@@ -58,14 +58,16 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     marks = {"worker_started": process_start_time(), "loop_started": time.time()}
     shard = None if loop.stream else ray.train.get_dataset_shard("train")
-    # Before any thread of TensorFlow's exists: they inherit the cores.
-    cores = pin_to_cores(ctx.get_local_rank(), ctx.get_local_world_size(), cfg.cpus_per_worker) if loop.pin else None
     with ThreadPoolExecutor(1) as pool:  # the shard is read (or planned) while TensorFlow imports
         opening = pool.submit(open_share, cfg, loop.stream or shard, world, rank)
         tf, strategy, internals = start_tensorflow(cfg)
         marks["tensorflow_imported"] = time.time()
         index, epoch_data = opening.result()
     marks["shard_in_memory"] = time.time()
+    # Once the shard is read (its reader had both cores while TensorFlow imported): every thread
+    # there is now, TensorFlow's and its collectives' among them, and every later one, on this
+    # worker's cores.
+    cores = pin_to_cores(ctx.get_local_rank(), ctx.get_local_world_size(), cfg.cpus_per_worker) if loop.pin else None
     # The global batch is the same at every world size; this rank's share, and the steps all ranks run:
     batch, steps = rank_batch(cfg.batch_size, world, rank), steps_per_epoch(len(index), cfg.batch_size, world)
     model = build(strategy, cfg, steps)
