@@ -207,3 +207,37 @@ def test_the_local_trainer_still_drops_rays_placement_group_cleaner():
     assert trainer_class(local=False) is DataParallelTrainer
     local = trainer_class(local=True)
     assert local is not DataParallelTrainer and issubclass(local, DataParallelTrainer)
+
+
+def test_an_elastic_runs_start_retries_leave_the_console_and_every_other_error_stays(tmp_path, monkeypatch):
+    """quiet_start_retries' controller callback, on a logger set up as Ray Train sets up its
+    controller's (a console handler and a file handler on "ray.train", not propagating): the
+    WorkerGroupStartupTimeoutError that an elastic run's retries at the old size log with a full
+    traceback leaves the console and stays in the file; any other error still prints. The callback
+    crosses to the controller by cloudpickle, as RunConfig's callbacks do."""
+    import io
+    import logging
+
+    import ray.cloudpickle
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from trainer.train.backend import quiet_start_retries
+
+    console, log_file = io.StringIO(), tmp_path / "controller.log"
+    train_logger = logging.getLogger("ray.train")
+    monkeypatch.setattr(train_logger, "handlers", [logging.StreamHandler(console), logging.FileHandler(log_file)])
+    monkeypatch.setattr(train_logger, "propagate", False)
+    (callback,) = quiet_start_retries()
+    ray.cloudpickle.loads(ray.cloudpickle.dumps(callback)).after_controller_start(None)
+    controller = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+    for error in (WorkerGroupStartupTimeoutError(2), ValueError("a real problem")):
+        try:
+            raise error
+        except Exception as exc:
+            controller.exception("Error in control loop iteration: %s", exc)
+    for handler in train_logger.handlers:
+        handler.close()
+    shown, kept = console.getvalue(), log_file.read_text()
+    assert "WorkerGroupStartupTimeoutError" not in shown and "ValueError: a real problem" in shown
+    assert "WorkerGroupStartupTimeoutError" in kept and "ValueError: a real problem" in kept
+    assert shown.count("Traceback") == 1

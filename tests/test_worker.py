@@ -101,6 +101,7 @@ def test_progress_line_estimates_the_time_left_from_the_median_epoch():
     assert progress_line(record, 5, history) == (
         "epoch 3/5  1 worker  loss 0.1235  accuracy 0.9612  12,000 samples/s  2.5s  ~5s left")
     assert progress_line({**record, "world_size": 3}, 5, history).startswith("epoch 3/5  3 workers  loss")
+    assert progress_line(record, 5, history, again=True).startswith("epoch 3/5 (again)  1 worker  loss")
 
 
 class _Clock:

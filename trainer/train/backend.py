@@ -10,6 +10,7 @@ This module imports no TensorFlow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -122,6 +123,35 @@ class EpochMetrics(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and "epoch" in metrics[0]:
             log_epoch(self.uri, self.run_id, metrics[0])
+
+
+def quiet_start_retries() -> list:
+    """Controller callbacks that keep an elastic run's expected retries off the console.
+
+    After a lost node an elastic run may first ask for the old size again and wait out its short
+    start timeout (cluster.ELASTIC_START_TIMEOUT_S) until Ray's view of the nodes catches up; Ray
+    Train retries, and logs each WorkerGroupStartupTimeoutError as "Error in control loop iteration"
+    with a full traceback (four of them, 37 lines each, on a real three-host cluster). The callback
+    filters exactly those records from the controller's console handler once Ray Train has
+    configured it; its log files keep them, and every other error still prints. Both names are Ray
+    Train's internals: if an upgrade moves them, the tracebacks come back and nothing breaks."""
+    try:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+    except ImportError:
+        return []
+
+    class ExpectedRetry(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], WorkerGroupStartupTimeoutError))
+
+    class QuietStartRetries(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            for handler in logging.getLogger("ray.train").handlers:
+                if not isinstance(handler, logging.FileHandler):  # the console; the files keep everything
+                    handler.addFilter(ExpectedRetry())
+
+    return [QuietStartRetries()]
 
 
 def trainer_class(local: bool):

@@ -180,7 +180,7 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    from trainer.train.backend import EpochMetrics, Restarts, TFConfigSetup, trainer_class
+    from trainer.train.backend import EpochMetrics, Restarts, TFConfigSetup, quiet_start_retries, trainer_class
     from trainer.train.worker import train_loop_per_worker
 
     points["driver_imports_done"] = time.time()
@@ -208,7 +208,8 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=[Restarts(fs.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done),
-                       *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else [])],
+                       *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else []),
+                       *(quiet_start_retries() if cfg.elastic and not cfg.verbose else [])],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
     points["training_launched"] = time.time()

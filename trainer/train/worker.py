@@ -98,8 +98,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
             history.append(record)
             marks.setdefault("first_step", record["first_step_unix"])
             marks["last_step"] = record["first_step_unix"] + record["seconds"]
-            if rank == 0:
-                _announce(record, cfg.epochs, history, board, model)
+            if rank == 0:  # an epoch a restart within this launch runs again says so
+                _announce(record, cfg.epochs, history, board, model, again=bool(launched) and epoch == epochs_done)
             with watchdog.paused():  # a slow checkpoint upload is no stall of a peer
                 _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": peak_rss_mb()}, rank)
     except Exception as exc:
@@ -138,22 +138,24 @@ def _report(model, cfg: Config, epoch: int, history: list[dict], info: dict, ran
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _announce(record: dict, epochs: int, history: list[dict], board, model) -> None:
+def _announce(record: dict, epochs: int, history: list[dict], board, model, again: bool = False) -> None:
     """Rank 0's epoch line (sys.stdout, not print: Ray Train's print patch would log it twice)."""
     if "resized_from" in record:
         (resize,) = resizes([history[-2], record])
         sys.stdout.write(f"resized from {resize['from']} to {resize['to']} workers after epoch "
                          f"{resize['after_epoch']} ({resize['reason']}); continuing from its checkpoint\n")
-    sys.stdout.write(progress_line(record, epochs, history) + "\n")
+    sys.stdout.write(progress_line(record, epochs, history, again) + "\n")
     sys.stdout.flush()
     if board:
         board.write(record, model.optimizer)
 
 
-def progress_line(record: dict, epochs: int, history: list[dict]) -> str:
+def progress_line(record: dict, epochs: int, history: list[dict], again: bool = False) -> str:
+    """An epoch's console line; `again` marks an epoch that a restart ran a second time (the worker
+    that failed was in it, and may have printed its line before the checkpoint was lost)."""
     per_epoch = float(np.median([h["seconds"] for h in history]))
     left = per_epoch * (epochs - record["epoch"])
     workers = record.get("world_size", 1)
-    return (f"epoch {record['epoch']}/{epochs}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
+    return (f"epoch {record['epoch']}/{epochs}{' (again)' if again else ''}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
             f"accuracy {record['accuracy']:.4f}  {record['samples_per_second']:,.0f} samples/s  "
             f"{record['seconds']:.1f}s  ~{left:.0f}s left")
