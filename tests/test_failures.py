@@ -146,6 +146,24 @@ def test_the_ray_train_report_barrier_is_bounded_by_the_stall_timeout():
     assert cluster.ray_settings(Config(stall_timeout_s=7.5))["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] == "7.5"
 
 
+def test_relayed_lines_are_coloured_only_on_a_terminal(monkeypatch):
+    """Ray's driver colours the "(raylet)" prefix of lines it relays whatever reads them; the job
+    turns that off unless its own stdout is a terminal."""
+    import io
+
+    from trainer.config import Config
+    from trainer.train import cluster
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert cluster.ray_settings(Config())["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert "RAY_COLOR_PREFIX" not in cluster.ray_settings(Config())
+
+
 def test_the_cause_names_the_watchdog_from_its_own_record_and_else_the_exception():
     """The watchdog's abort (a real one, of a real Watchdog) fails the step; the worker's failure
     says so from the watchdog's record, not from the words of the error it caused."""
