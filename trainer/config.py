@@ -97,7 +97,8 @@ class Config:
     pin_cpus: str = _opt(
         "auto", "give each worker cores of its own (CPU affinity: the i-th worker on a node gets its "
         "--cpus-per-worker cores from the i-th group), so that its TensorFlow threads and its all-reduce's "
-        "threads share them: auto on a Ray this job starts itself, where nothing else runs; yes on a "
+        "threads share them: auto on a Ray this job starts itself, where nothing else runs, for CPU workers "
+        "(a GPU worker's all-reduce is not on the CPU); yes on a "
         "cluster too (nodes that run nothing else); no never. Pins nothing where the node has fewer "
         "cores than its workers ask for (docs/performance.md, the all-reduce)", choices=PIN_CPUS)
     use_gpu: bool = _opt(False, "one GPU per worker", shapes=RESULT)

@@ -185,6 +185,8 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
 
     points["driver_imports_done"] = time.time()
     start = plan.start
+    # --pin-cpus auto: CPU workers on the job's own Ray, where nothing else runs (docs/performance.md)
+    pin = cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and not cluster.address(cfg) and not cfg.use_gpu)
     trainer = trainer_class(local=not cluster.address(cfg))(
         train_loop_per_worker,
         train_loop_config=LoopConfig(
@@ -192,7 +194,7 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
             init={"weights": start.weights, "slots": start.slots} if start else None,
             stream={"path": plan.parquet_dir, "files": plan.manifest.files("train")} if plan.streaming
             else None,
-            pin=cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and not cluster.address(cfg))).to_dict(),
+            pin=pin).to_dict(),
         backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,
