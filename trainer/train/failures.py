@@ -39,6 +39,15 @@ PEER_LATE = "peer late"  # Ray Train: a peer never reached ray.train.report's ba
 STALLED = "stalled"  # this worker's watchdog: no progress for --stall-timeout-s
 ERROR = "error"  # any other exception
 KINDS = (NODE_LOST, PROCESS_DIED, PEER_FROZEN, PEER_LOST, PEER_LATE, STALLED, ERROR)
+PEER_KINDS = (PEER_FROZEN, PEER_LOST, PEER_LATE)  # a failure that names another rank as its cause
+CAUSES = {  # the restart line's phrase for each kind but ERROR; {rank} is the rank to blame
+    NODE_LOST: "the node of rank {rank} was lost",
+    PROCESS_DIED: "rank {rank}'s process died",
+    PEER_FROZEN: "heartbeat timeout on rank {rank}",
+    PEER_LOST: "lost the connection to rank {rank}",
+    PEER_LATE: "no progress for {seconds:g}s on rank {rank}",
+    STALLED: "no progress for {seconds:g}s on rank {rank}",
+}
 
 # TensorFlow's and gRPC's words, where no field names the peer (its task index is its rank):
 _HEARTBEATS = re.compile(r"task:(\d+) heartbeat timeout|stopped sending heartbeats\):\s*/job:worker/replica:0/task:(\d+)")
@@ -156,20 +165,11 @@ def cause(worker_failures: dict) -> tuple[int, str]:
     found = {rank: WorkerFailure.from_ray(rank, error) for rank, error in sorted(worker_failures.items())}
     # The most telling kind (KINDS' order), the lowest rank among those of that kind.
     rank, failure = min(found.items(), key=lambda item: KINDS.index(item[1].kind))
-    kind, peer = failure.kind, failure.peer if failure.peer in found else rank
-    if kind == NODE_LOST:
-        return rank, f"the node of rank {rank} was lost"
-    if kind == PROCESS_DIED:
-        return rank, f"rank {rank}'s process died"
-    if kind == PEER_FROZEN:
-        return peer, f"heartbeat timeout on rank {failure.peer}"
-    if kind == PEER_LOST:
-        return peer, f"lost the connection to rank {failure.peer}"
-    if kind == PEER_LATE:
-        return peer, f"no progress for {failure.seconds:g}s on rank {failure.peer}"
-    if kind == STALLED:
-        return rank, f"no progress for {failure.seconds:g}s on rank {rank}"
-    return rank, f"{failure.exception}: {failure.message[0]}"[:200] + f" on rank {rank}"
+    if failure.kind == ERROR:
+        return rank, f"{failure.exception}: {failure.message[0]}"[:200] + f" on rank {rank}"
+    named = failure.peer if failure.kind in PEER_KINDS else rank  # the phrase names the peer
+    blamed = named if named in found else rank  # the rank returned: the peer, when it failed too
+    return blamed, CAUSES[failure.kind].format(rank=named, seconds=failure.seconds)
 
 
 def explain(error: BaseException, restarts: int) -> str:
