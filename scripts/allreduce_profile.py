@@ -31,11 +31,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from trainer.common.cli import script_parser  # noqa: E402
-from trainer.common.net import loopback_port  # noqa: E402
+from trainer.common.cli import script_parser
+from trainer.common.net import loopback_port
 
 PARAMETERS = 784 * 512 + 512 + 512 * 10 + 10  # the tutorial MLP's gradient, 1.6 MB in float32
 DEFAULT_VARIANTS = ("alone", "nocomm", "step", "reduce", "step-threads2", "reduce-threads2", "step-bf16",
@@ -96,7 +93,7 @@ def launch(variant: str, args, cores: int, while_stepping=None) -> dict:
         command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
         if (args.pin or "pin" in variant.split("-")) and n > 1:
             command = ["taskset", "-c", str(rank % cores), *command]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         if args.grpc_options:
             env["TF_GRPC_DEFAULT_OPTIONS"] = args.grpc_options
         log = tempfile.NamedTemporaryFile("w+", prefix=f"allreduce_{variant}_{rank}_", suffix=".log", delete=False)
@@ -138,6 +135,7 @@ CATEGORIES = (
                                                   "tensorflow::functor")),
     ("Python", ("_PyEval", "libpython")),
 )
+OTHER = "other (TensorFlow's executor, kernel)"
 
 
 def profile(variant: str, args, cores: int) -> int:
@@ -156,12 +154,11 @@ def profile(variant: str, args, cores: int) -> int:
     launch(variant, args, cores, while_stepping=record)
     script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,dso"], check=True, capture_output=True,
                             text=True).stdout
-    counts = dict.fromkeys([name for name, _ in CATEGORIES] + ["other (TensorFlow's executor, kernel)"], 0)
+    counts = dict.fromkeys([name for name, _ in CATEGORIES] + [OTHER], 0)
     for stack in script.split("\n\n"):
         if not stack.strip():
             continue
-        name = next((name for name, words in CATEGORIES if any(w in stack for w in words)),
-                    "other (TensorFlow's executor, kernel)")
+        name = next((name for name, words in CATEGORIES if any(w in stack for w in words)), OTHER)
         counts[name] += 1
     total = sum(counts.values()) or 1
     print(f"{variant}, rank 0: {total} on-CPU samples in {args.perf_seconds:.0f} s ({data})")

@@ -185,9 +185,10 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
 
     points["driver_imports_done"] = time.time()
     start = plan.start
+    local = not cluster.address(cfg)
     # --pin-cpus auto: CPU workers on the job's own Ray, where nothing else runs (docs/performance.md)
-    pin = cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and not cluster.address(cfg) and not cfg.use_gpu)
-    trainer = trainer_class(local=not cluster.address(cfg))(
+    pin = cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and local and not cfg.use_gpu)
+    trainer = trainer_class(local)(
         train_loop_per_worker,
         train_loop_config=LoopConfig(
             cfg, plan.train_rows, launch=uuid.uuid4().hex[:8],

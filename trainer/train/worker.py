@@ -156,6 +156,7 @@ def progress_line(record: dict, epochs: int, history: list[dict], again: bool = 
     per_epoch = float(np.median([h["seconds"] for h in history]))
     left = per_epoch * (epochs - record["epoch"])
     workers = record.get("world_size", 1)
-    return (f"epoch {record['epoch']}/{epochs}{' (again)' if again else ''}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
+    epoch = f"epoch {record['epoch']}/{epochs}" + (" (again)" if again else "")
+    return (f"{epoch}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
             f"accuracy {record['accuracy']:.4f}  {record['samples_per_second']:,.0f} samples/s  "
             f"{record['seconds']:.1f}s  ~{left:.0f}s left")
