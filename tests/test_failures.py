@@ -164,6 +164,47 @@ def test_relayed_lines_are_coloured_only_on_a_terminal(monkeypatch):
     assert "RAY_COLOR_PREFIX" not in cluster.ray_settings(Config())
 
 
+def test_a_joined_cluster_gets_the_quiet_settings_the_submission_does_not_already_set(monkeypatch):
+    """Its raylets were started without them; `ray job submit`'s runtime env may set some already,
+    and ray.init refuses a variable set twice. The value in the driver's environment wins."""
+    import json
+
+    from trainer.train import cluster
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    assert cluster.forwarded_env() == {**cluster.QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "1"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}, "working_dir": "x"}}))
+    forwarded = cluster.forwarded_env()
+    assert "RAY_DATA_LOG_LEVEL" not in forwarded and set(forwarded) == set(cluster.QUIET_ENV) - {"RAY_DATA_LOG_LEVEL"}
+
+
+def test_rays_notice_of_a_lost_node_goes_to_the_log_file_and_every_other_notice_prints(monkeypatch, capsys):
+    """The driver's listener prints the cluster's error messages through Ray's print_to_stdstream
+    (an internal, looked up at each message): the node-death notice, which the job's restart line
+    covers, goes to the process's log file; any other still reaches the console."""
+    import ray._private.worker as ray_worker
+
+    from trainer.common import quiet
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    quiet.route_node_notices()
+    quiet.route_node_notices()  # once is enough: no second wrapper
+    assert ray_worker.print_to_stdstream.routes_node_notices
+    dead = ("The node with node id: 22990e85 and address: 10.77.0.3 and node name: 10.77.0.3 has been marked "
+            "dead because the detector has missed too many heartbeats from it.")
+    ray_worker.print_to_stdstream({"lines": [dead], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["out of memory: killed a worker"], "pid": "raylet", "is_err": False},
+                                  ignore_prefix=False)
+    printed = capsys.readouterr()
+    assert "marked dead" not in printed.out + printed.err
+    assert "(raylet) out of memory: killed a worker" in printed.out + printed.err
+    with open(quiet.log_file()) as f:
+        assert f"(raylet) {dead}\n" in f.read()
+
+
 def test_the_cause_names_the_watchdog_from_its_own_record_and_else_the_exception():
     """The watchdog's abort (a real one, of a real Watchdog) fails the step; the worker's failure
     says so from the watchdog's record, not from the words of the error it caused."""
@@ -215,16 +256,21 @@ def test_an_unreadable_record_reads_as_no_restarts(tmp_path, text):
     assert failures.read_records(str(path)) == []
 
 
-def test_the_local_trainer_still_drops_rays_placement_group_cleaner():
-    """trainer/train/backend.py reaches into Ray Train's internals for a faster local start, and falls back
-    to the stock trainer if an upgrade moves them; this says so loudly instead."""
+def test_a_cluster_without_a_dashboard_still_drops_rays_placement_group_cleaner():
+    """trainer/train/backend.py reaches into Ray Train's internals to drop the cleaner where it cannot
+    work (no dashboard, no state API), and falls back to the stock trainer if an upgrade moves them;
+    this says so loudly instead."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from trainer.train.backend import trainer_class
 
-    assert trainer_class(local=False) is DataParallelTrainer
-    local = trainer_class(local=True)
-    assert local is not DataParallelTrainer and issubclass(local, DataParallelTrainer)
+    assert trainer_class(cleaner=True) is DataParallelTrainer
+    without = trainer_class(cleaner=False)
+    assert without is not DataParallelTrainer and issubclass(without, DataParallelTrainer)
+    trainer = without(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert not any(isinstance(c, PlacementGroupCleanerCallback) for c in trainer._create_default_callbacks())
 
 
 def test_an_elastic_runs_start_retries_leave_the_console_and_every_other_error_stays(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def undisturbed(tmp_path_factory):
 
 def epoch_lines(console: str) -> str:
     """The job's epoch and resize lines, for the README (shown with -s)."""
-    return "".join(line + "\n" for line in console.splitlines() if line.startswith(("epoch ", "resized ")))
+    return "".join(line + "\n" for line in console.splitlines() if line.startswith(("epoch ", "resized ", "restarted ")))
 
 
 def restart_lines(console: str) -> list[str]:
@@ -84,8 +84,13 @@ def test_worker_sigkill_restarts_from_checkpoint_with_default_flags(tmp_path, un
     assert victim not in [w["pid"] for w in metrics["workers"]]  # a new worker group finished it
     assert restart_lines(out) == [f"restarted after a worker failure (rank 1's process died): continuing from "
                                   f"epoch {restart}, restart 1 of 3"]
-    # The epoch in flight when the worker died runs again, and its line says so; no other line does.
-    assert [line.split()[1:3] for line in out.splitlines() if "(again)" in line] == [[f"{restart}/5", "(again)"]]
+    # An epoch shows once its checkpoint is registered: the one in flight when the worker died shows
+    # once, after the restart line, and so does every other.
+    shown = [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")]
+    assert shown == [f"{e}/5" for e in range(1, 6)], out
+    lines = out.splitlines()
+    assert lines.index(restart_lines(out)[0]) < next(i for i, line in enumerate(lines)
+                                                     if line.startswith(f"epoch {restart}/5 "))
     (record,) = metrics["restarts"]
     assert (record["restart"], record["of"], record["cause"], record["continuing_from_epoch"]) == (
         1, 3, "rank 1's process died", restart)
@@ -324,7 +329,10 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_finishes_every_epoch(tmp_pa
     assert metrics["world_sizes"] == [3] * (restart - 1) + [2] * (6 - restart)
     (resize,) = metrics["resizes"]
     assert (resize["after_epoch"], resize["from"], resize["to"], resize["reason"]) == (restart - 1, 3, 2, SHRANK)
-    assert f"resized from 3 to 2 workers after epoch {restart - 1}" in out
+    # One line for the event: the restart line says why, the next epoch's line to what size.
+    (resumed,) = [line for line in out.splitlines() if line.startswith(f"epoch {restart}/")]
+    assert resumed.split("  ")[1] == "2 workers" and resumed.endswith("(resized from 3)"), out
+    assert len(restart_lines(out)) == 1 and "resized from 3 to 2" not in out
     # Ray Train's retries at the old size, before its view of the nodes caught up, are the job's own
     # doing (a 5 s start timeout): no "Error in control loop iteration" traceback for them.
     assert "Traceback" not in out + err and "control loop" not in out + err, out + err

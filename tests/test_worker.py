@@ -18,7 +18,7 @@ from trainer.model.network import build_model, preprocess
 from trainer.train.share import epoch_batches
 from trainer.train.step import make_all_reduce_sum, make_train_steps
 from trainer.train.watchdog import Watchdog
-from trainer.train.worker import progress_line, shard_info
+from trainer.train.worker import shard_info
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +93,6 @@ def test_all_reduce_sum_and_the_shard_check(strategy):
     np.testing.assert_array_equal(all_reduce_sum([1.0, 2.5, 3.0]), [1.0, 2.5, 3.0])  # one replica
     info = shard_info(all_reduce_sum, np.array([4, 0, 2, 2]), train_rows=6)
     assert info["rows"] == 4 and info["global_rows_seen"] == 3 and info["global_rows_duplicated"] == 1
-
-
-def test_progress_line_estimates_the_time_left_from_the_median_epoch():
-    history = [{"seconds": 9.0}, {"seconds": 2.0}, {"seconds": 2.5}]
-    record = {"epoch": 3, "loss": 0.12345, "accuracy": 0.9612, "samples_per_second": 12000.4, "seconds": 2.5}
-    assert progress_line(record, 5, history) == (
-        "epoch 3/5  1 worker  loss 0.1235  accuracy 0.9612  12,000 samples/s  2.5s  ~5s left")
-    assert progress_line({**record, "world_size": 3}, 5, history).startswith("epoch 3/5  3 workers  loss")
-    assert progress_line(record, 5, history, again=True).startswith("epoch 3/5 (again)  1 worker  loss")
 
 
 class _Clock:

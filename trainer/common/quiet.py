@@ -84,3 +84,30 @@ def route_unraisable() -> None:
             traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, file=f)
 
     sys.unraisablehook = to_log
+
+
+NODE_LOST = "has been marked dead"  # Ray's notice for a lost node, from the cluster's error channel
+
+
+def route_node_notices() -> None:
+    """On the driver, after ray.init: Ray's "(raylet) The node with node id ... has been marked
+    dead" notice goes to log_file(), not the console (with colour codes, seven lines of possible
+    causes, on every lost node). The job's own line says what it did about the node: a restart, or
+    an elastic resize. Every other notice still prints. Ray prints the cluster's error messages
+    through ray._private.worker.print_to_stdstream, an internal: if an upgrade moves it, the notice
+    comes back and nothing breaks."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "routes_node_notices", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet" and any(NODE_LOST in line for line in data.get("lines", [])):
+            with open(log_file(), "a") as f:
+                f.write("".join(f"(raylet) {line}\n" for line in data["lines"]))
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream.routes_node_notices = True
+    ray_worker.print_to_stdstream = print_to_stdstream

@@ -1,5 +1,5 @@
 """Ray Train's hook that wires the workers into one MultiWorkerMirroredStrategy cluster, the
-controller's callbacks (restarts announced, epochs to MLflow), and the trainer that runs it.
+controller's callbacks (the console's lines, epochs to MLflow), and the trainer that runs it.
 
 Ray's own `TensorflowConfig` does the same (TF_CONFIG on every worker) but lives in a package whose
 `__init__` imports TensorFlow, so the driver and Ray Train's controller would each pay that import
@@ -24,6 +24,7 @@ from ray.train.backend import Backend, BackendConfig
 
 from trainer.track.run import log_epoch
 from trainer.train import failures
+from trainer.train.console import Lines
 
 
 @dataclass
@@ -87,17 +88,21 @@ class _TFConfigBackend(Backend):
                  for rank in range(len(worker_group))])
 
 
-class Restarts(UserCallback):
-    """On Ray Train's controller, after each report and each worker failure: within --max-failures,
-    one line per restart and its record in <run>/restarts.json (trainer/train/failures.py); past it,
-    nothing (the driver says why the run failed)."""
+class Console(UserCallback):
+    """On Ray Train's controller: the run's console lines (trainer/train/console.py), each epoch
+    once its checkpoint is registered, one line per restart or resize; and within --max-failures
+    each restart's record in <run>/restarts.json (trainer/train/failures.py). Past --max-failures
+    no restart line: the driver says why the run failed."""
 
-    def __init__(self, record_path: str, max_failures: int, epochs_done: int):
+    def __init__(self, record_path: str, max_failures: int, epochs_done: int, epochs: int):
         self.record_path, self.max_failures, self.epochs_done, self.failures = record_path, max_failures, epochs_done, 0
+        self.lines = Lines(epochs)
 
     def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and metrics and "epoch" in metrics[0]:
-            self.epochs_done = metrics[0]["epoch"]
+        if checkpoint is None or not metrics or "epoch" not in metrics[0]:
+            return
+        self.epochs_done = metrics[0]["epoch"]
+        self._print(self.lines.epoch(metrics[0]))  # rank 0's record
 
     def after_exception(self, run_context, worker_exceptions):
         self.failures += 1
@@ -106,11 +111,14 @@ class Restarts(UserCallback):
         entry = {"restart": self.failures, "of": self.max_failures, "cause": failures.cause(worker_exceptions)[1],
                  "continuing_from_epoch": self.epochs_done + 1, "at_unix": time.time(),
                  "workers": failures.worker_summaries(worker_exceptions)}
-        of = "unlimited" if self.max_failures == -1 else self.max_failures
-        sys.stdout.write(f"restarted after a worker failure ({entry['cause']}): continuing from epoch "
-                         f"{entry['continuing_from_epoch']}, restart {self.failures} of {of}\n")
-        sys.stdout.flush()
+        self._print(self.lines.restart(entry["cause"], entry["continuing_from_epoch"], self.failures,
+                                       self.max_failures))
         failures.append_record(self.record_path, entry)
+
+    @staticmethod
+    def _print(lines: list[str]) -> None:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
 
 
 class EpochMetrics(UserCallback):
@@ -154,11 +162,13 @@ def quiet_start_retries() -> list:
     return [QuietStartRetries()]
 
 
-def trainer_class(local: bool):
-    """Ray Train's DataParallelTrainer; for a Ray this process started, one without the placement
-    group cleaner: that detached actor polls the dashboard's state API every second so that a
-    controller that dies on a shared cluster leaves no reserved CPUs behind. A local Ray ends with
-    this process, placement groups and all, and runs without a dashboard (seconds of start-up).
+def trainer_class(cleaner: bool):
+    """Ray Train's DataParallelTrainer; without the placement group cleaner unless `cleaner`. That
+    detached actor polls the dashboard's state API every second, so that a controller that dies on
+    a shared cluster leaves no reserved CPUs behind. Where there is no dashboard it cannot work:
+    a local Ray (it ends with this process, placement groups and all, and starts seconds sooner
+    without a dashboard), or a cluster whose head runs without one, where it printed "Failed to
+    query Ray Train Controller actor state" every few seconds (14 times in one run).
     The cleaner and the hook that creates it are Ray's internals: if an upgrade moves either, the
     stock trainer runs (a few seconds slower to start), not an ImportError."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -167,12 +177,12 @@ def trainer_class(local: bool):
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return DataParallelTrainer
-    if not local or not hasattr(DataParallelTrainer, "_create_default_callbacks"):
+    if cleaner or not hasattr(DataParallelTrainer, "_create_default_callbacks"):
         return DataParallelTrainer
 
-    class LocalTrainer(DataParallelTrainer):
+    class TrainerWithoutCleaner(DataParallelTrainer):
         def _create_default_callbacks(self):
             return [callback for callback in super()._create_default_callbacks()
                     if not isinstance(callback, PlacementGroupCleanerCallback)]
 
-    return LocalTrainer
+    return TrainerWithoutCleaner

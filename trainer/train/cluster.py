@@ -8,6 +8,7 @@ storage path. Each failure is a ClusterError whose message says what was asked a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -17,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.common import errors
+from trainer.common import errors, quiet
 from trainer.config import Config
 
 QUIET_ENV = {  # library chatter off the console (it stays in Ray's log files); --verbose keeps it
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOG_LEVEL": "ERROR",  # not even its "progress bars disabled" notice
-    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",  # rank 0's epoch lines read as the job's own
+    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",  # the controller's epoch lines read as the job's own
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }
 
@@ -105,13 +106,17 @@ def environment(cfg: Config):
         logger.setLevel(level)
 
 
-def connect(ray, cfg: Config) -> None:
-    """Join the cluster, or start a local Ray bound to loopback."""
+def connect(ray, cfg: Config) -> bool:
+    """Join the cluster, or start a local Ray bound to loopback. True where the cluster has a
+    dashboard, and with it the state API that Ray Train's placement group cleaner polls."""
     level = logging.INFO if cfg.verbose else logging.WARNING
     joined = address(cfg)
     if joined:
-        ray.init(address=joined, log_to_driver=True, logging_level=level)
-        return
+        context = ray.init(address=joined, log_to_driver=True, logging_level=level,
+                           runtime_env=None if cfg.verbose else {"env_vars": forwarded_env()})
+        if not cfg.verbose:
+            quiet.route_node_notices()
+        return bool(context.dashboard_url)
     if not cfg.verbose:  # Ray 2.60 turns token auth on for a local Ray and says so, as a WARNING
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     notice = owner_only_token()
@@ -123,6 +128,18 @@ def connect(ray, cfg: Config) -> None:
              num_gpus=None if cfg.use_gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level,
              runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.common.quiet.route_unraisable"})
+    return False
+
+
+def forwarded_env() -> dict[str, str]:
+    """QUIET_ENV for a joined cluster's workers and actors, as the job's runtime env: their raylets
+    were started without it, so Ray Data's split coordinator printed its four execution lines at
+    every worker-group start (a real three-host cluster). The value in this process's environment
+    wins (a user's own setting); a variable that `ray job submit`'s runtime env already sets is
+    left to it (ray.init may not set it twice)."""
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    taken = submitted.get("env_vars") or {}
+    return {name: os.environ.get(name, value) for name, value in QUIET_ENV.items() if name not in taken}
 
 
 def owner_only_token() -> str | None:

@@ -156,7 +156,7 @@ def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
     from ray.train import TrainingFailedError
 
     points = {}
-    cluster.connect(ray, cfg)
+    state_api = cluster.connect(ray, cfg)
     points["ray_up"] = time.time()
     signal.signal(signal.SIGTERM, errors.interrupt)  # after ray.init, whose native handler would abort
     try:  # on Ctrl-C / SIGTERM too: a local Ray goes down with its workers; checkpoints stay
@@ -165,7 +165,7 @@ def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
         tracked = opening.result() if opening else None
         if tracked:
             tracked.set_tags(provenance.job_tags())
-        result = _fit(ray, cfg, plan, epochs_done, points, tracked)
+        result = _fit(ray, cfg, plan, epochs_done, points, tracked, state_api)
         points["training_done"] = time.time()
         return result.checkpoint, points
     except TrainingFailedError as exc:
@@ -176,11 +176,11 @@ def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
         points["ray_down"] = time.time()
 
 
-def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
+def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked, state_api: bool):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    from trainer.train.backend import EpochMetrics, Restarts, TFConfigSetup, quiet_start_retries, trainer_class
+    from trainer.train.backend import Console, EpochMetrics, TFConfigSetup, quiet_start_retries, trainer_class
     from trainer.train.worker import train_loop_per_worker
 
     points["driver_imports_done"] = time.time()
@@ -188,7 +188,7 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
     local = not cluster.address(cfg)
     # --pin-cpus auto: CPU workers on the job's own Ray, where nothing else runs (docs/performance.md)
     pin = cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and local and not cfg.use_gpu)
-    trainer = trainer_class(local)(
+    trainer = trainer_class(cleaner=state_api)(
         train_loop_per_worker,
         train_loop_config=LoopConfig(
             cfg, plan.train_rows, launch=uuid.uuid4().hex[:8],
@@ -210,7 +210,7 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked):
             name=plan.run_name, storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[Restarts(fs.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done),
+            callbacks=[Console(fs.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done, cfg.epochs),
                        *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else []),
                        *(quiet_start_retries() if cfg.elastic and not cfg.verbose else [])],
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),

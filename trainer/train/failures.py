@@ -10,7 +10,7 @@ them. `classify` decides the kind where the exception is, from fields where they
 `read_words` is the one place that reads a third party's message text, for what no field says
 (TensorFlow's and gRPC's collective errors, Ray's word that a node died).
 
-Ray Train calls backend.Restarts (a UserCallback, on its controller) after every report and every
+Ray Train calls backend.Console (a UserCallback, on its controller) after every report and every
 worker failure. Within --max-failures it prints one line per restart
 
     restarted after a worker failure (heartbeat timeout on rank 1): continuing from epoch 3, restart 1 of 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -24,7 +23,6 @@ from trainer.common import quiet
 from trainer.common.timeline import peak_rss_mb, process_start_time
 from trainer.config import Config, rank_batch, steps_per_epoch
 from trainer.train import checkpoint, warm
-from trainer.train.elastic import resizes
 from trainer.train.failures import WorkerFailure
 from trainer.train.loop_config import LoopConfig
 from trainer.train.share import open_share
@@ -84,7 +82,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     watchdog = Watchdog(cfg.stall_timeout_s, internals.abort_collectives)
     try:
         info = {**shard_info(all_reduce_sum, index, loop.train_rows), "rank": rank, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "batch": batch, "cores": cores}
+                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "batch": batch, "cores": cores}
         marks["collectives_ready"] = time.time()
         for epoch in range(epochs_done, cfg.epochs):
             with epoch_data(batch, steps, seed=(cfg.seed, rank, epoch)) as chunks:
@@ -98,8 +97,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
             history.append(record)
             marks.setdefault("first_step", record["first_step_unix"])
             marks["last_step"] = record["first_step_unix"] + record["seconds"]
-            if rank == 0:  # an epoch a restart within this launch runs again says so
-                _announce(record, cfg.epochs, history, board, model, again=bool(launched) and epoch == epochs_done)
+            if board:  # rank 0's; the epoch's console line comes from the controller (trainer/train/console.py)
+                board.write(record, model.optimizer)
             with watchdog.paused():  # a slow checkpoint upload is no stall of a peer
                 _report(model, cfg, epoch, history, {**info, "timeline": marks, "peak_rss_mb": peak_rss_mb()}, rank)
     except Exception as exc:
@@ -136,27 +135,3 @@ def _report(model, cfg: Config, epoch: int, history: list[dict], info: dict, ran
         ray.train.report({**history[-1], "global_rows_seen": info["global_rows_seen"],
                           "global_rows_duplicated": info["global_rows_duplicated"]},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _announce(record: dict, epochs: int, history: list[dict], board, model, again: bool = False) -> None:
-    """Rank 0's epoch line (sys.stdout, not print: Ray Train's print patch would log it twice)."""
-    if "resized_from" in record:
-        (resize,) = resizes([history[-2], record])
-        sys.stdout.write(f"resized from {resize['from']} to {resize['to']} workers after epoch "
-                         f"{resize['after_epoch']} ({resize['reason']}); continuing from its checkpoint\n")
-    sys.stdout.write(progress_line(record, epochs, history, again) + "\n")
-    sys.stdout.flush()
-    if board:
-        board.write(record, model.optimizer)
-
-
-def progress_line(record: dict, epochs: int, history: list[dict], again: bool = False) -> str:
-    """An epoch's console line; `again` marks an epoch that a restart ran a second time (the worker
-    that failed was in it, and may have printed its line before the checkpoint was lost)."""
-    per_epoch = float(np.median([h["seconds"] for h in history]))
-    left = per_epoch * (epochs - record["epoch"])
-    workers = record.get("world_size", 1)
-    epoch = f"epoch {record['epoch']}/{epochs}" + (" (again)" if again else "")
-    return (f"{epoch}  {workers} worker{'s' if workers > 1 else ''}  loss {record['loss']:.4f}  "
-            f"accuracy {record['accuracy']:.4f}  {record['samples_per_second']:,.0f} samples/s  "
-            f"{record['seconds']:.1f}s  ~{left:.0f}s left")
