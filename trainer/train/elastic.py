@@ -1,7 +1,8 @@
 """What an elastic run's epoch history says: where the world size changed, and why.
 
 Each epoch's record (trainer/train/checkpoint.py) holds its world size, the launch of Ray Train that ran
-it, and its first step's time; metrics.json["resizes"] and the worker's restart line come from here.
+it, and its first step's time; metrics.json["resizes"] comes from here, and the console's resize
+line (trainer/train/console.py) gives the same reasons.
 """
 
 from __future__ import annotations
