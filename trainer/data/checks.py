@@ -38,7 +38,7 @@ class Limits:
 
 def image_hashes(images: np.ndarray) -> np.ndarray:
     """A 64-bit hash (blake2b) of each image's bytes: equal images, equal hashes."""
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    flat = np.ascontiguousarray(images).reshape(len(images), int(np.prod(np.shape(images)[1:])))
     return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
                      for row in flat], dtype=np.uint64)
 
