@@ -27,7 +27,7 @@ from trainer.common.cli import script_parser
 from trainer.config import Config
 from trainer.data import checks, shards
 from trainer.data.mnist import Mnist
-from trainer.data.shift import bbsd, sample_rows
+from trainer.data.shift import ALPHA, SAMPLE_ROWS, bbsd, sample_rows
 
 NOISE = {"small": 1.0, "medium": 10.0, "large": 100.0}  # std, pixel units (0..255), as the paper's
 ROTATION = {"small": 10.0, "medium": 40.0, "large": 90.0}  # degrees, uniform in +-
@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="MNIST: a directory of IDX files, an .npz, or Parquet shards")
     parser.add_argument("--model", help="a trained model (.keras or .h5) instead of training one")
     parser.add_argument("--epochs", type=int, default=Config().epochs)
-    parser.add_argument("--reference", type=int, default=10_000, help="rows of the reference sample")
+    parser.add_argument("--reference", type=int, default=SAMPLE_ROWS, help="rows of the reference sample")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000], help="arriving sample sizes")
     parser.add_argument("--draws", type=int, default=20, help="draws per shifted cell")
     parser.add_argument("--null-draws", type=int, default=100, help="unshifted draws for the false-alarm rate")
-    parser.add_argument("--alpha", type=float, default=0.01, help="BBSD's level over the ten classes")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="BBSD's level over the ten classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
