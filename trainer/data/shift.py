@@ -10,8 +10,7 @@ family's p-value is the smallest class's times the number of classes, at most 1)
     if found.p_value < alpha: refuse(found.describe(alpha))
 
 Its power and false alarms on MNIST are measured by scripts/shift_power.py (docs/operations.md,
-"Shift detection, measured"). It is not in the retraining cycle yet: with the reference taken on the
-model's own training images, new images from the same distribution were flagged (see there).
+"Shift detection, measured"). It is not in the retraining cycle yet.
 
 Pure numpy and scipy; the outputs come from whoever holds the model.
 """
