@@ -12,6 +12,12 @@ SHRANK = "a worker failed and fewer fit: Ray Train restarted with the workers it
 RERUN = "a rerun with another --num-workers resumed the run"
 
 
+def reason(old: int, new: int, same_launch: bool) -> str:
+    """Why the world size went from `old` to `new`: within one launch of Ray Train an elastic run
+    grew or shrank; across launches a rerun chose another size."""
+    return RERUN if not same_launch else GREW if new > old else SHRANK
+
+
 def resizes(history: list[dict]) -> list[dict]:
     """Each change of world size between consecutive epochs: after which epoch, from and to how many
     workers, why (within one launch of Ray Train, an elastic run grew or shrank; across launches, a
@@ -24,7 +30,7 @@ def resizes(history: list[dict]) -> list[dict]:
             continue
         found.append({
             "after_epoch": before["epoch"], "from": old, "to": new,
-            "reason": RERUN if before.get("launch") != after.get("launch") else GREW if new > old else SHRANK,
+            "reason": reason(old, new, before.get("launch") == after.get("launch")),
             "at_unix": after["first_step_unix"],
             "gap_seconds": round(after["first_step_unix"] - before["first_step_unix"] - before["seconds"], 3)})
     return found
