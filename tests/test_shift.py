@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, job_env
 from trainer.data.shift import DETECTOR, bbsd, sample_rows
 
 
@@ -70,3 +70,102 @@ def test_the_power_script_refuses_bad_flags_in_one_line():
     done = subprocess.run([sys.executable, "scripts/shift_power.py", "--data", str(SAMPLE), "--alpha", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: --alpha")
+
+
+# ---- in a retraining cycle: the current version's reference, and a refusal before training ------
+
+def load_power_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shift_power", ROOT / "scripts" / "shift_power.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def current(tmp_path_factory):
+    """A store whose current version holds a real model (the job's, 2 epochs of plain Keras on the
+    sample), its data profile, and its BBSD reference, as a cycle keeps them."""
+    from trainer.common.clock import iso, utc_now
+    from trainer.data.checks import profile
+    from trainer.data.shards import load_npz
+    from trainer.data.shift import REFERENCE
+    from trainer.promote import promotion
+    from trainer.store.model_store import Store
+    from trainer.store.record import VersionRecord
+    from trainer.store.versions import PASSED, new_version_id
+
+    sample = load_npz(str(SAMPLE))
+    model = load_power_script().train_model(sample, epochs=2)
+    store = Store(str(tmp_path_factory.mktemp("shift") / "store"))
+    store.create()
+    vid = new_version_id()
+    staging = store.new_staging(vid)
+    model.save(f"{staging}/mnist.keras")
+    promotion.keep_reference(model, sample, f"{staging}/{REFERENCE}")
+    store.register(VersionRecord(vid, decision=PASSED, started=iso(utc_now()),
+                                 data={"content_sha256": "a" * 64, "profile": profile(sample)}))
+    store.promote(vid)
+    return store, vid, model, sample
+
+
+def shifted(sample, kind: str, level: float, fraction: float, seed: int = 0):
+    """The sample with `fraction` of its training images moved (rotated, translated...)."""
+    from trainer.data.mnist import Mnist
+
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(sample.y_train), size=int(fraction * len(sample.y_train)), replace=False)
+    x = sample.x_train.copy()
+    x[rows] = load_power_script().transform(x[rows], kind, level, rng)
+    return Mnist(x, sample.y_train, sample.x_test, sample.y_test)
+
+
+def test_the_same_data_passes_and_a_version_keeps_its_reference(current):
+    from trainer.data.shift import REFERENCE, SAMPLE_ROWS
+    from trainer.promote import promotion
+
+    store, vid, model, sample = current
+    reference = np.load(f"{store.version_dir(vid)}/{REFERENCE}")
+    assert reference.shape == (min(SAMPLE_ROWS, len(sample.y_train)), 10) and reference.dtype == np.float32
+    found = promotion.check_shift(store, vid, model, sample)
+    assert found.p_value == 1.0 and found.statistic < 1e-3  # the same rows through the same model
+
+
+def test_a_shift_the_thresholds_miss_is_refused_with_exit_4_in_one_line(current, tmp_path):
+    """Half the training images translated by up to 20% of the width: the label mix and the pixel
+    statistics barely move (today's checks pass it), the model's outputs do."""
+    from trainer.data.checks import Limits, compare, profile
+
+    store, vid, _, sample = current
+    moved = shifted(sample, "translation", 0.2, 0.5)
+    assert compare(store.record(vid).data["profile"], profile(moved), Limits()) == []
+    data = tmp_path / "moved.npz"
+    np.savez(data, x_train=moved.x_train, y_train=moved.y_train, x_test=moved.x_test, y_test=moved.y_test)
+    run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", store.root, "--data", str(data)],
+                         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 4, run.stdout + run.stderr
+    (line,) = run.stdout.splitlines()
+    assert line.startswith("refused ") and f": shift: {DETECTOR}: largest D " in line and "< alpha 0.01" in line
+    assert "moved most: digits " in line and "--accept-data-change" in line
+    assert [x for x in run.stderr.splitlines() if not x.startswith("preparing data")] == []
+    (refused,) = [r for r in store.records() if r.version != vid]
+    assert refused.decision == "refused" and refused.data_checks["shift"]["p_value"] < 0.01
+    assert refused.data_checks["shift"]["alpha"] == 0.01 and store.current_id() == vid
+
+
+def test_an_accepted_shift_is_recorded_and_said(current, capsys):
+    from trainer.promote import promotion
+
+    store, vid, model, sample = current
+    found = promotion.check_shift(store, vid, model, shifted(sample, "rotation", 40.0, 1.0))
+    checks = promotion.with_shift({"problems": [], "baseline_version": vid}, found, 0.01, accept=True)
+    assert checks["accepted"] and checks["problems"] == [found.describe(0.01)]
+    assert capsys.readouterr().out == f"--accept-data-change: training despite {found.describe(0.01)}\n"
+    assert promotion.with_shift({"problems": []}, found, 1e-300, accept=False)["problems"] == []  # a stricter level
+
+
+def test_a_drift_alpha_outside_0_1_is_a_one_line_error():
+    run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", "/nonexistent", "--drift-alpha", "0"],
+                         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == "error: --drift-alpha must lie strictly between 0 and 1, got 0.0\n"

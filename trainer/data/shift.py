@@ -9,8 +9,11 @@ family's p-value is the smallest class's times the number of classes, at most 1)
     found = bbsd(reference_outputs, arriving_outputs)    # (n, 10) softmax rows each
     if found.p_value < alpha: refuse(found.describe(alpha))
 
-Its power and false alarms on MNIST are measured by scripts/shift_power.py (docs/operations.md,
-"Shift detection, measured"). It is not in the retraining cycle yet.
+In a retraining cycle (trainer/promote/promotion.py) the reference is kept with each version: its
+model's outputs on a fixed sample of its own training split. The next cycle runs the *current*
+model on the same-sized sample of the arriving training split and tests the two. Its power and
+false alarms on MNIST are measured by scripts/shift_power.py (docs/operations.md, "Shift
+detection, measured").
 
 Pure numpy and scipy; the outputs come from whoever holds the model.
 """
@@ -22,8 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 DETECTOR = "BBSD (Kolmogorov-Smirnov on the model's softmax per class, Bonferroni)"
-ALPHA = 0.01  # the level over the whole family of classes
-SAMPLE_ROWS = 10_000  # rows of the reference sample, and of the largest arriving sample measured
+ALPHA = 0.01  # the level over the whole family of classes (mnist-retrain --drift-alpha)
+SAMPLE_ROWS = 10_000  # rows on each side: the reference, and the arriving sample
+SEED = 0  # which rows: fixed, so a cycle on the same data tests the same sample
+REFERENCE = "shift_reference.npy"  # a version's outputs on SAMPLE_ROWS of its training split (400 KB)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,20 @@
 """What decides a version's fate after the data is prepared: the data checks against the current
-version's profile (trainer/data/checks.py), both models scored on the same test images, the paired
-gate (trainer/promote/gate.py) and the canary (trainer/promote/canary.py). trainer/promote/retrain.py runs the cycle around it.
+version's profile (trainer/data/checks.py) and its shift reference (trainer/data/shift.py), both
+models scored on the same test images, the paired gate (trainer/promote/gate.py) and the canary
+(trainer/promote/canary.py). trainer/promote/retrain.py runs the cycle around it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainer.common import errors, quiet
-from trainer.data import checks, shards
+from trainer.common.atomic import replacing
+from trainer.data import checks, shards, shift
 from trainer.promote import canary
 from trainer.promote.policy import Policy
 from trainer.store.model_store import STAGING, Store, StoreError
@@ -31,6 +36,17 @@ def check_data(store: Store, current: str | None, new: dict, accept: bool) -> di
         print(f"--accept-data-change: training despite {'; '.join(problems)}", flush=True)
     return {"problems": problems, "accepted": bool(problems and accept), "baseline_version": current,
             "overlap": checks.overlap(old, new), "limits": dataclasses.asdict(limits)}
+
+
+def with_shift(data_checks: dict, found: shift.Shift, alpha: float, accept: bool) -> dict:
+    """The data checks' record with BBSD's result in it, and its problem if it refuses the data."""
+    problems = list(data_checks["problems"])
+    if found.p_value < alpha:
+        problems.append(found.describe(alpha))
+        if accept:
+            print(f"--accept-data-change: training despite {problems[-1]}", flush=True)
+    return {**data_checks, "problems": problems, "accepted": bool(problems and accept),
+            "shift": {**found.to_dict(), "alpha": alpha}}
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,9 @@ def decide(store: Store, vid: str, current: str | None, baseline, mnist: shards.
     on a candidate that passed."""
     from trainer.promote import gate  # scipy: only a cycle that got this far
 
-    candidate = score(store.path(STAGING, vid, "mnist.keras"), mnist, verbose, f"new version {vid}")
+    model = load_model(store.path(STAGING, vid, "mnist.keras"), verbose, f"new version {vid}")
+    candidate = score(model, mnist, f"new version {vid}")
+    keep_reference(model, mnist, store.path(STAGING, vid, shift.REFERENCE))
     decision = gate.compare(mnist.y_test, None if baseline is None else baseline.argmax(axis=1),
                             candidate.argmax(axis=1), policy)
     gated = {**decision.record, "baseline_version": current}
@@ -69,20 +87,49 @@ def decide(store: Store, vid: str, current: str | None, baseline, mnist: shards.
     return Verdict(PROMOTE, PASSED, decision.reason, gated, figures)
 
 
-def score(path: str, mnist: shards.Mnist, verbose: bool, name: str):
-    """The probabilities of the model at `path` on this data's test images (the data may have changed
-    since it was trained), loaded and run in this process."""
+def load_model(path: str, verbose: bool, name: str):
+    """The Keras model at `path`, loaded in this process; a StoreError that says so if unreadable."""
     quiet.import_tensorflow(verbose)
     import keras
 
-    from trainer.model.network import evaluate
-
     try:
-        model = keras.saving.load_model(path)
+        return keras.saving.load_model(path)
     except Exception as exc:
         raise StoreError(f"{name}'s model {path} is unreadable ({errors.first_line(exc, named=True)}); "
                          "roll back to another version with --rollback") from None
+
+
+def score(model, mnist: shards.Mnist, name: str):
+    """The model's probabilities on this data's test images (the data may have changed since it was
+    trained)."""
+    from trainer.model.network import evaluate
+
     _, accuracy, probs = evaluate(model, mnist.x_test, mnist.y_test)
     print(f"{name}: test accuracy {accuracy:.4f} on this data's test split", flush=True)
     return probs
 
+
+def outputs_on_sample(model, mnist: shards.Mnist):
+    """The model's softmax on the fixed sample of this data's training split that BBSD tests."""
+    from trainer.model.network import evaluate
+
+    rows = shift.sample_rows(len(mnist.y_train), shift.SAMPLE_ROWS, shift.SEED)
+    return evaluate(model, mnist.x_train[rows], mnist.y_train[rows])[2]
+
+
+def keep_reference(model, mnist: shards.Mnist, path: str) -> None:
+    """A version's BBSD reference: its model's outputs on the sample of its own training split."""
+    outputs = outputs_on_sample(model, mnist).astype(np.float32)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, outputs, allow_pickle=False)
+
+
+def check_shift(store: Store, current: str, model, mnist: shards.Mnist) -> shift.Shift | None:
+    """BBSD: the current model's outputs on the arriving training split against its reference (None
+    for a version kept before the reference was: nothing to test against, this once)."""
+    path = os.path.join(store.version_dir(current), shift.REFERENCE)
+    if not os.path.exists(path):
+        print(f"the current version {current} has no shift reference; not testing for a shift this cycle",
+              flush=True)
+        return None
+    return shift.bbsd(np.load(path, allow_pickle=False), outputs_on_sample(model, mnist))

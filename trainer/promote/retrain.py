@@ -42,7 +42,7 @@ from trainer.common.clock import iso, utc_now
 from trainer.common.errors import UsageError
 from trainer.common.lock import LockHeld
 from trainer.config import Config
-from trainer.data import checks, shards
+from trainer.data import checks, shards, shift
 from trainer.promote import promotion, registry
 from trainer.promote.policy import Policy, fingerprint
 from trainer.store.model_store import DATA, RUNS, STAGING, Store, StoreError
@@ -72,6 +72,8 @@ class Options:
     tolerance: float | None = option(None, "deprecated: sets --margin", hidden=True)
     accept_data_change: bool = option(False, "train this cycle even if the data checks refuse the new data "
                                       "(the record says so)")
+    drift_alpha: float = option(shift.ALPHA, "refuse data whose shift the current model sees (BBSD: a "
+                                "Kolmogorov-Smirnov test per class of its softmax, Bonferroni) at this level")
     canary_python: str | None = option(None, "the Python of the serving environment, which loads the candidate "
                                        "before it is promoted (default: this one)", metavar="PYTHON")
     registered_model: str = option(
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--warm-start starts from the store's current version; drop --init-from")
     if args.warm_epochs < 1:
         return fail(f"--warm-epochs must be at least 1, got {args.warm_epochs}")
+    if not 0 < args.drift_alpha < 1:
+        return fail(f"--drift-alpha must lie strictly between 0 and 1, got {args.drift_alpha}")
     for flag in ("output", "run_name"):
         if getattr(args, flag) != parser.get_default(flag):
             return fail(f"--{flag.replace('_', '-')} is chosen by retrain (the version id and "
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             code = rollback(store, args.rollback, args.force)
         else:
             code = retrain(store, cfg, policy, args.warm_epochs if args.warm_start else None,
-                           args.accept_data_change, args.canary_python)
+                           args.accept_data_change, args.canary_python, args.drift_alpha)
         registry.sync_registry(store, cfg, args.registered_model)  # the registry follows the store
         return code
     except LockHeld as exc:
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None = None,
-            accept_data_change: bool = False, canary_python: str | None = None) -> int:
+            accept_data_change: bool = False, canary_python: str | None = None,
+            drift_alpha: float = shift.ALPHA) -> int:
     """One cycle; `warm_epochs` (--warm-start) trains that long from the current version, if any."""
     place = fs.Place.check("--store", store.root)  # read-only or full: one line, before the lock
     store.create()
@@ -187,14 +192,17 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         record = VersionRecord(vid, parent=parent, started=iso(utc_now()), git_commit=provenance.git_commit(),
                                host=socket.gethostname(), config=cfg.to_dict(), data=data,
                                data_checks=promotion.check_data(store, current, data["profile"], accept_data_change))
-        if record.data_checks["problems"] and not accept_data_change:
-            reason = "; ".join(record.data_checks["problems"])
-            store.register_failure(record.advance(decision=REFUSED, reason=reason, finished=iso(utc_now())))
-            print(f"refused {vid}: {reason}; nothing was trained and current stays {current}. Check the data; "
-                  "pass --accept-data-change to train on it anyway", flush=True)
-            return EXIT_REFUSED
-        baseline = (promotion.score(store.model_path(current), mnist, cfg.verbose, f"current version {current}")
-                    if current else None)  # an unreadable current model stops the cycle before training
+        if record.data_checks["problems"] and not accept_data_change:  # before TensorFlow: the thresholds
+            return refuse(store, record, current)
+        model = (promotion.load_model(store.model_path(current), cfg.verbose, f"current version {current}")
+                 if current else None)  # an unreadable current model stops the cycle before training
+        found = promotion.check_shift(store, current, model, mnist) if current else None
+        if found is not None:
+            record = record.advance(data_checks=promotion.with_shift(record.data_checks, found, drift_alpha,
+                                                                     accept_data_change))
+            if record.data_checks["problems"] and not accept_data_change:
+                return refuse(store, record, current)
+        baseline = promotion.score(model, mnist, f"current version {current}") if current else None
         run_cfg = dataclasses.replace(
             cfg, data=parquet_dir, output=store.new_staging(vid), run_name=vid,
             storage_path=cfg.storage_path or store.path(RUNS),
@@ -228,6 +236,15 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
     if pruned:
         print(f"pruned {len(pruned)} old version(s): {', '.join(pruned)}", flush=True)
     return code
+
+
+def refuse(store: Store, record: VersionRecord, current: str | None) -> int:
+    """Record the refusal (exit 4): nothing was trained, current stays."""
+    reason = "; ".join(record.data_checks["problems"])
+    store.register_failure(record.advance(decision=REFUSED, reason=reason, finished=iso(utc_now())))
+    print(f"refused {record.version}: {reason}; nothing was trained and current stays {current}. Check the data; "
+          "pass --accept-data-change to train on it anyway", flush=True)
+    return EXIT_REFUSED
 
 
 def unchanged(record: VersionRecord, cfg: Config, data_sha256: str) -> bool:
