@@ -146,3 +146,69 @@ def test_a_current_version_without_a_profile_is_not_checked_once(tmp_path, capsy
     with_profile, _ = current_store(tmp_path / "b")
     accepted = promotion.check_data(with_profile, with_profile.current_id(), profile(altered("inverted")), accept=True)
     assert accepted["accepted"] and accepted["problems"][0].startswith("pixels:")
+
+
+# ---- the same checks over shards read one at a time (a cycle at MNIST8M scale) --------------------
+
+def sharded(tmp_path, data: Mnist, rows_per_file: int) -> str:
+    from trainer.data.shards import write_parquet
+
+    write_parquet(data, str(tmp_path / "shards"), rows_per_file=rows_per_file)
+    return str(tmp_path / "shards")
+
+
+def test_a_survey_of_shards_profiles_and_samples_as_the_whole_split_would(tmp_path):
+    """Leaked test rows in the middle of the split, shards of 700 rows: the profile from one pass over
+    the shards is the profile of the whole split, and BBSD's sample the same rows."""
+    from trainer.data.shards import read_manifest
+    from trainer.data.shift import SEED, sample_rows
+
+    data = altered("test rows in train")
+    path = sharded(tmp_path, data, 700)
+    whole, (streamed, small) = profile(data), promotion.survey(path, read_manifest(path), None)
+    pixels, expected = streamed.pop("pixels"), whole.pop("pixels")
+    assert pixels.pop("digit_mean") == pytest.approx(expected.pop("digit_mean"), rel=1e-12)
+    assert pixels == pytest.approx(expected, rel=1e-12)
+    assert streamed == whole and whole["leaked_test_images"] == 50
+    rows = sample_rows(len(data.y_train), 1000, SEED)
+    with pytest.MonkeyPatch.context() as patch:  # a sample smaller than the split: the rows it names
+        patch.setattr("trainer.data.shift.SAMPLE_ROWS", 1000)
+        _, small = promotion.survey(path, read_manifest(path), None)
+    assert np.array_equal(small.x_train, data.x_train[rows]) and np.array_equal(small.y_train, data.y_train[rows])
+    assert np.array_equal(small.x_test, data.x_test)
+
+
+def test_a_changed_shard_is_caught_by_the_survey(tmp_path):
+    import pyarrow.parquet as pq
+
+    from trainer.data.mnist import DataError
+    from trainer.data.shards import read_manifest
+
+    path = sharded(tmp_path, load_npz(str(SAMPLE)), 1000)
+    shard = f"{path}/{read_manifest(path).files('train')[1]['path']}"
+    table = pq.read_table(shard)
+    labels = table.column("label").to_numpy().copy()
+    labels[0] = (labels[0] + 1) % 10
+    pq.write_table(table.set_column(2, "label", [labels]), shard)
+    with pytest.raises(DataError, match="content hash does not match manifest.json; the shards were changed"):
+        promotion.survey(path, read_manifest(path), None)
+
+
+def test_a_survey_holds_one_shard_not_the_split(tmp_path):
+    """4x the rows, the same shard size: the peak (BBSD's sample, a shard, the test split) grows by the
+    labels alone (a byte a row)."""
+    import tracemalloc
+
+    from trainer.data.shards import read_manifest
+
+    m = load_npz(str(SAMPLE))
+    peaks = []
+    for copies in (4, 16):  # 12,000 and 48,000 rows: more than the sample either way
+        data = Mnist(np.concatenate([m.x_train] * copies), np.concatenate([m.y_train] * copies), m.x_test, m.y_test)
+        path = sharded(tmp_path / str(copies), data, 1000)
+        del data
+        tracemalloc.start()
+        promotion.survey(path, read_manifest(path), None)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.25 * peaks[0], peaks

@@ -143,10 +143,13 @@ def test_second_version_on_changed_data_is_promoted_and_is_the_better_one(night)
     # The gate scores the saved file: it must score as the trained model did in the driver.
     assert second["gate"]["accuracy"] == pytest.approx(second["test_accuracy"], abs=1e-6)
     assert second["data"]["profile"]["train_rows"] == 2800 and second["data_checks"]["problems"] == []
+    # v2's rows are v1's first 2,800: v1's model sees no shift in them.
+    assert "shift" not in first["data_checks"] and second["data_checks"]["shift"]["p_value"] > 0.5
     for vid, rec, extra in ((v1, first, []), (v2, second, ["mnist_savedmodel"])):
         folder = store / "versions" / vid
         assert sorted(os.listdir(folder)) == sorted(
-            ["metrics.json", "mnist.h5", "mnist.keras", "version.json", *report.FILES, *extra])  # + report, plots
+            ["metrics.json", "mnist.h5", "mnist.keras", "shift_reference.npy", "version.json", *report.FILES,
+             *extra])  # + report, plots, and the BBSD reference the next cycle tests against
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["test_accuracy"] == rec["test_accuracy"]
         assert rec["started"] <= rec["finished"] and rec["git_commit"]

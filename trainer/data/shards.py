@@ -26,7 +26,17 @@ from trainer.common.atomic import temporary_sibling
 from trainer.common.fs import filesystem, join
 from trainer.data.idx import load_idx_dir
 from trainer.data.manifest import Manifest, Split
-from trainer.data.mnist import IMAGE_BYTES, IMAGE_SHAPE, SPLITS, ContentHash, DataError, Mnist, content_hash, validate
+from trainer.data.mnist import (
+    IMAGE_BYTES,
+    IMAGE_SHAPE,
+    SPLITS,
+    ContentHash,
+    DataError,
+    Mnist,
+    content_hash,
+    label_problem,
+    validate,
+)
 
 MANIFEST = "manifest.json"
 
@@ -200,25 +210,59 @@ def read_parquet_tables(path: str, split: str, manifest: Manifest | None = None)
     """One split's shards as Arrow tables (index, image, label), one per file in file order, each
     checked against the manifest's row count."""
     manifest = manifest or read_manifest(path)
-    fs, root = filesystem(path)
     if split not in manifest.splits:
         raise DataError(f"{path}/{MANIFEST}: no {split!r} split")
-    tables = []
-    for file in manifest.files(split):
+    return list(_shards(path, manifest.files(split)))
+
+
+def _shards(path: str, files: list[dict]):
+    """The files' tables, read one at a time, each checked against its row count in the manifest."""
+    fs, root = filesystem(path)
+    for file in files:
         try:
             table = pq.read_table(posixpath.join(root, file["path"]), filesystem=fs)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}/{file['path']}: unreadable Parquet shard ({exc})") from None
         if table.num_rows != file["rows"]:
             raise DataError(f"{path}/{file['path']}: {table.num_rows} rows, manifest says {file['rows']}")
-        tables.append(table)
-    return tables
+        yield table
 
 
 def read_parquet_split(path: str, split: str, manifest: Manifest | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one split back as (images (n,28,28) uint8, labels (n,) uint8), ordered by index."""
     table = pa.concat_tables(read_parquet_tables(path, split, manifest)).sort_by("index")
     return images_from_column(table.column("image").to_numpy()), table.column("label").to_numpy().astype(np.uint8)
+
+
+def scan(path: str, manifest: Manifest | None = None):
+    """The training split's (images, labels) one shard at a time, in row order, never whole in memory,
+    with the checks load_parquet makes: row counts, labels and, once the last shard is read, the
+    content hash (a DataError then: use what was read only once the loop has ended)."""
+    manifest = manifest or read_manifest(path)
+    digest = ContentHash()
+    for split in SPLITS:
+        if split not in manifest.splits or not manifest.rows(split):
+            raise DataError(f"{path}: the {split} split is empty")
+        digest.start(split, manifest.rows(split))
+        labels, row = [], 0
+        for table in _shards(path, manifest.files(split)):
+            table = table.sort_by("index")
+            index = table.column("index").to_numpy()
+            if len(index) and (index[0] != row or index[-1] != row + len(index) - 1):
+                raise DataError(f"{path}: {split} rows out of order at row {row}; rewrite the shards "
+                                "with scripts/prepare_data.py")
+            x, y = images_from_column(table.column("image").to_numpy()), table.column("label").to_numpy()
+            problem = label_problem(y, f"{split} labels")
+            if problem:
+                raise DataError(f"{path}: {problem}")
+            digest.add(x)
+            labels.append(y.astype(np.uint8))
+            row += len(y)
+            if split == "train":
+                yield x, labels[-1]
+        digest.add(np.concatenate(labels))
+    if digest.hexdigest() != manifest.content_sha256:
+        raise DataError(f"{path}: content hash does not match {MANIFEST}; the shards were changed")
 
 
 def load_parquet(path: str) -> Mnist:

@@ -38,6 +38,28 @@ def check_data(store: Store, current: str | None, new: dict, accept: bool) -> di
             "overlap": checks.overlap(old, new), "limits": dataclasses.asdict(limits)}
 
 
+def survey(parquet_dir: str, manifest, mnist: shards.Mnist | None) -> tuple[dict, shards.Mnist]:
+    """The arriving data as the checks need it, in one pass over its training split: the profile
+    (trainer/data/checks.py), and the test split with the fixed sample of training rows that BBSD tests
+    (trainer/data/shift.py) in place of the whole training split. Arrays already in memory (a small
+    source) are used as they are; Parquet shards are read one at a time (shards.scan), so 8.1M rows
+    cost one shard's memory."""
+    if mnist is not None:
+        x_test, y_test, pieces = mnist.x_test, mnist.y_test, [(mnist.x_train, mnist.y_train)]
+    else:
+        (x_test, y_test), pieces = shards.read_parquet_split(parquet_dir, "test", manifest), shards.scan(
+            parquet_dir, manifest)
+    rows = shift.sample_rows(manifest.rows("train"), shift.SAMPLE_ROWS, shift.SEED)
+    profiler, xs, ys, start = checks.Profiler(x_test), [], [], 0
+    for x, y in pieces:
+        profiler.add(x, y)
+        at = rows[(rows >= start) & (rows < start + len(y))] - start
+        xs.append(x[at])
+        ys.append(y[at])
+        start += len(y)
+    return profiler.profile(), shards.Mnist(np.concatenate(xs), np.concatenate(ys), x_test, y_test)
+
+
 def with_shift(data_checks: dict, found: shift.Shift, alpha: float, accept: bool) -> dict:
     """The data checks' record with BBSD's result in it, and its problem if it refuses the data."""
     problems = list(data_checks["problems"])
@@ -110,7 +132,8 @@ def score(model, mnist: shards.Mnist, name: str):
 
 
 def outputs_on_sample(model, mnist: shards.Mnist):
-    """The model's softmax on the fixed sample of this data's training split that BBSD tests."""
+    """The model's softmax on the fixed sample of this data's training split that BBSD tests (all of
+    it where the split is that sample already, as survey() hands it over)."""
     from trainer.model.network import evaluate
 
     rows = shift.sample_rows(len(mnist.y_train), shift.SAMPLE_ROWS, shift.SEED)

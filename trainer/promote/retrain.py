@@ -9,7 +9,8 @@ the `mnist-retrain` console script and jobs/retrain.py.
 
 A cycle: lock the store -> prepare the data (Parquet shards + content hash) -> stop if neither the
 data nor the training config changed since the current version -> check the data against the
-current version's profile (trainer/data/checks.py; refuse to train on a bad change) -> train and
+current version's profile (trainer/data/checks.py) and, through the current model's eyes, against
+its shift reference (trainer/data/shift.py; refuse to train on a bad change) -> train and
 evaluate with trainer.train.driver.run into staging/<id> -> score both models on this data's test split
 -> the paired gate (trainer/promote/gate.py) -> the canary (trainer/promote/canary.py) -> register versions/<id>
 (with the decision and its numbers) -> move current.json if promoted -> prune -> unlock. With
@@ -42,7 +43,7 @@ from trainer.common.clock import iso, utc_now
 from trainer.common.errors import UsageError
 from trainer.common.lock import LockHeld
 from trainer.config import Config
-from trainer.data import checks, shards, shift
+from trainer.data import shards, shift
 from trainer.promote import promotion, registry
 from trainer.promote.policy import Policy, fingerprint
 from trainer.store.model_store import DATA, RUNS, STAGING, Store, StoreError
@@ -178,7 +179,8 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         source = shards.resolve_source(cfg.data)
         if source and "://" not in source:
             source = os.path.abspath(source)  # the record outlives the working directory
-        parquet_dir, mnist, manifest = shards.prepare(source, store.path(DATA))
+        parquet_dir, mnist, manifest = shards.prepare(source, store.path(DATA), whole=False)
+        profile, mnist = promotion.survey(parquet_dir, manifest, mnist)  # the test split, a training sample
         digest = manifest.content_sha256
         if current is not None and not cfg.force and unchanged(store.record(current), cfg, digest):
             print(f"nothing changed since the current version {current} (data sha256 "
@@ -188,7 +190,7 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         vid = new_version_id()
         data = {"content_sha256": digest, "path": parquet_dir, "source": source,
                 "train_rows": manifest.rows("train"), "test_rows": manifest.rows("test"),
-                "profile": checks.profile(mnist)}
+                "profile": profile}
         record = VersionRecord(vid, parent=parent, started=iso(utc_now()), git_commit=provenance.git_commit(),
                                host=socket.gethostname(), config=cfg.to_dict(), data=data,
                                data_checks=promotion.check_data(store, current, data["profile"], accept_data_change))
