@@ -170,9 +170,9 @@ def assert_each_epoch_once_with_a_restart(metrics):
 
 def add_version(store, decision: str = PASSED, accuracy: float = 0.98,
                 data_sha256: str = "a" * 64, model=None, when=None,
-                config: dict | None = None, parent: str | None = None) -> str:
+                config: dict | None = None, parent: str | None = None, reference=None) -> str:
     """Register a version in a trainer.store.model_store.Store as retrain does; dummy model files unless a Keras
-    model is given. A passed version is promoted."""
+    model is given, and a shift reference if its outputs are given. A passed version is promoted."""
     from trainer.common.atomic import save_model_atomic
     from trainer.common.clock import iso, utc_now
     from trainer.store.versions import new_version_id
@@ -188,6 +188,12 @@ def add_version(store, decision: str = PASSED, accuracy: float = 0.98,
                 f.write("not a model")
     with open(os.path.join(staging, "metrics.json"), "w") as f:
         json.dump({"test_accuracy": accuracy}, f)
+    if reference is not None:
+        import numpy as np
+
+        from trainer.data.shift import REFERENCE
+
+        np.save(os.path.join(staging, REFERENCE), np.asarray(reference, np.float32), allow_pickle=False)
     store.register(VersionRecord(vid, decision=decision, reason=f"{decision} on purpose", test_accuracy=accuracy,
                                  started=iso(when or utc_now()), data={"content_sha256": data_sha256},
                                  config=config or {}, parent=parent))

@@ -32,6 +32,7 @@ from trainer.store.model_store import Store
 
 pytestmark = pytest.mark.ray
 CLIENTS = 8
+DRIFT_WINDOW = 300  # answers the replica tests for drift
 PER_VERSION = 600  # answers held on each version: 2,400 or more across two promotions and a rollback
 
 
@@ -98,6 +99,7 @@ def served(tmp_path_factory):
     with np.load(SAMPLE) as npz:
         x, y = preprocess(npz["x_train"], npz["y_train"])
         digits = npz["x_test"][:64]
+        npz_train = npz["x_train"]
     store = Store(str(tmp_path_factory.mktemp("serve") / "store"))
     store.create()
     models, versions = [], []
@@ -105,12 +107,13 @@ def served(tmp_path_factory):
         model = build_model(Config(seed=seed))
         model.fit(x[rows], y[rows], batch_size=100, epochs=1, verbose=0)
         models.append(model)
-        versions.append(add_version(store, model=model))
+        reference = model.predict(x[rows], verbose=0)  # its outputs on its own training rows, as a cycle keeps
+        versions.append(add_version(store, model=model, reference=reference))
     store.rollback(versions[0])
     port = free_port()
     log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "trainer.serve.app", "--store", store.root, "--port", str(port),
-                             "--poll-s", "0.2"], cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT)
+                             "--poll-s", "0.2", "--drift-window", str(DRIFT_WINDOW)], cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -122,7 +125,8 @@ def served(tmp_path_factory):
             pass
         assert time.monotonic() < deadline, "mnist-serve did not answer in 180 s"
         time.sleep(0.5)
-    yield {"url": url, "store": store, "versions": versions, "models": models, "digits": digits, "log": log.name}
+    yield {"url": url, "store": store, "versions": versions, "models": models, "digits": digits, "log": log.name,
+           "train": npz_train}
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=60)
@@ -297,14 +301,42 @@ def test_unknown_routes_and_methods_are_refused(served):
 def test_the_api_is_described_as_openapi(served):
     status, spec = call(served["url"] + "/openapi.json")
     assert status == 200 and spec["info"]["version"] == "v1"
-    assert {"/predict", "/healthz", "/version", "/"} <= set(spec["paths"])
+    assert {"/predict", "/healthz", "/version", "/drift", "/"} <= set(spec["paths"])
     predict_op = spec["paths"]["/predict"]["post"]
     assert set(predict_op["requestBody"]["content"]) == {"application/json", "image/png", "image/jpeg",
                                                          "multipart/form-data"}
     assert {"200", "400", "413"} <= set(predict_op["responses"])
-    assert {"Prediction", "Predictions", "Refusal", "About", "Health"} <= set(spec["components"]["schemas"])
+    assert {"Prediction", "Predictions", "Refusal", "About", "Health", "Drift"} <= set(spec["components"]["schemas"])
     with urllib.request.urlopen(served["url"] + "/docs", timeout=30) as page:
         assert page.status == 200 and b"swagger" in page.read().lower()
+
+
+def send(url: str, images: np.ndarray) -> None:
+    for start in range(0, len(images), 60):
+        status, answer = call(url + "/predict", json.dumps({"images": images[start:start + 60].tolist()}).encode())
+        assert status == 200 and len(answer["predictions"]) == len(images[start:start + 60])
+
+
+def test_the_replica_sees_rotated_digits_drift_and_clean_ones_not(served):
+    """A window of rotated digits against v1's outputs on its own training rows: drift, said once in
+    the log; then a window of digits like those it was trained on: none."""
+    url, v1, train = served["url"], served["versions"][0], served["train"]
+    send(url, np.rot90(train[1000:1000 + DRIFT_WINDOW], axes=(1, 2)).copy())
+    status, drift = call(url + "/drift")
+    assert status == 200 and drift["version"] == v1 and drift["watching"], drift
+    assert drift["drift"] is True and drift["p_value"] < drift["alpha"] == 0.01, drift
+    assert drift["window"] == drift["window_size"] == DRIFT_WINDOW and len(drift["moved"]) == 3
+    assert drift["drifting_since"] <= time.time() and "BBSD" in drift["detector"]
+    deadline = time.monotonic() + 30
+    while not log_lines(served, "drift: the last"):
+        assert time.monotonic() < deadline, "no drift line in the replica's log in 30 s"
+        time.sleep(0.2)
+    send(url, train[:DRIFT_WINDOW])
+    status, drift = call(url + "/drift")
+    assert status == 200 and drift["drift"] is False and drift["drifting_since"] is None, drift
+    assert drift["p_value"] > 0.05 and drift["window"] == DRIFT_WINDOW
+    (line,) = log_lines(served, "drift: the last")
+    assert f"moved from version {v1}'s training data: shift: BBSD" in line
 
 
 def test_promotions_and_a_rollback_swap_versions_under_load_without_a_failed_request(served):

@@ -2,6 +2,7 @@
 smallest on the committed sample (a real model, real transforms; no Ray)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -169,3 +170,50 @@ def test_a_drift_alpha_outside_0_1_is_a_one_line_error():
     run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", "/nonexistent", "--drift-alpha", "0"],
                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr == "error: --drift-alpha must lie strictly between 0 and 1, got 0.0\n"
+
+
+def test_a_version_kept_before_the_reference_skips_the_test_in_one_line(current, capsys):
+    from trainer.data.shift import REFERENCE
+    from trainer.promote import promotion
+
+    store, vid, model, sample = current
+    kept = f"{store.version_dir(vid)}/{REFERENCE}"
+    os.rename(kept, kept + ".aside")
+    try:
+        assert promotion.check_shift(store, vid, model, sample) is None
+    finally:
+        os.rename(kept + ".aside", kept)
+    assert capsys.readouterr().out == (f"the current version {vid} has no shift reference; "
+                                       "not testing for a shift this cycle\n")
+
+
+# ---- mnist-serve's window of answers (trainer/serve/drift.py) -------------------------------------
+
+def test_a_serving_window_keeps_the_newest_answers_and_says_a_drift_once():
+    from trainer.serve.drift import MIN_ANSWERS, Watch
+
+    rng = np.random.default_rng(3)
+    watch = Watch(softmax_like(rng, 2000), size=200, alpha=0.01)
+    watch.add(softmax_like(rng, MIN_ANSWERS - 1))
+    report, first = watch.check()
+    assert report.drift is None and not first and report.window == MIN_ANSWERS - 1
+    for _ in range(5):  # 250 moved answers in batches: the window holds the newest 200
+        watch.add(softmax_like(rng, 50, shift=1.0))
+    (report, first), (again, first_again) = watch.check(), watch.check()
+    assert report.drift and first and report.window == 200 and report.p_value < 0.01
+    assert again.drift and not first_again and again.drifting_since == report.drifting_since
+    watch.add(softmax_like(rng, 200))  # a clean window: the drift is over
+    report, first = watch.check()
+    assert report.drift is False and report.drifting_since is None and report.p_value > 0.01
+
+
+def test_a_model_without_a_reference_or_a_window_is_served_unwatched(tmp_path):
+    from trainer.serve.drift import Watch, reference_beside
+
+    assert reference_beside(str(tmp_path / "mnist.keras")) is None
+    np.save(tmp_path / "shift_reference.npy", np.ones((5, 10), np.float32))
+    assert reference_beside(str(tmp_path / "mnist.keras")).shape == (5, 10)
+    for watch, why in ((Watch(None), "no shift reference"), (Watch(np.ones((5, 10)), size=0), "--drift-window 0")):
+        watch.add(np.ones((3, 10), np.float32))
+        report, first = watch.check()
+        assert not report.watching and report.drift is None and why in report.note and report.window == 0

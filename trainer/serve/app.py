@@ -12,6 +12,8 @@ the body forms are in trainer/serve/inputs.py):
                     -> {"predictions": [{"digit", "probabilities"}, ...], "version"}
     GET  /healthz   {"status": "ok", "version"}
     GET  /version   {"version", "model", "api", "loaded_at", "source"}
+    GET  /drift     has the data moved? this replica's last --drift-window answers against the served
+                    version's shift reference (trainer/serve/drift.py): {"drift", "p_value", "window", ...}
     GET  /          a page to draw a digit on (trainer/serve/page.html)
 Every refusal is a 4xx with {"error": one line}: bad input a 400; a body over 1 MiB, more than 64
 images, or pictures of more than 16.8 megapixels in all (read from their headers, before decoding) a
@@ -19,7 +21,8 @@ images, or pictures of more than 16.8 megapixels in all (read from their headers
 Requests are batched inside each replica (@serve.batch). Every replica checks the store's pointer
 every --poll-s seconds and loads a new version beside the old one, checks it predicts, then swaps it
 in: no request fails or waits for a load. A version that does not load is logged once and the old
-one keeps serving.
+one keeps serving. A replica logs one line when its window of answers first drifts from the served
+version's training data.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request, the
@@ -47,6 +50,8 @@ from trainer.common import errors, quiet
 from trainer.common.cli import add_options, bug, fail, option, parse_workers, script_parser
 from trainer.common.errors import InputError, UsageError
 from trainer.config import Config
+from trainer.data import shift
+from trainer.serve.drift import MIN_ANSWERS, WINDOW, Watch, reference_beside
 from trainer.serve.inputs import (
     EMPTY_BODY,
     IMAGE_TYPES,
@@ -93,6 +98,22 @@ class About(BaseModel):
     api: str = API_VERSION
     loaded_at: float = Field(description="when this replica loaded it, seconds since the epoch")
     source: str = Field(description="store or file")
+
+
+class Drift(BaseModel):
+    version: str = Field(description="the version whose answers the window holds")
+    watching: bool = Field(description="false where the served model has no shift reference, or --drift-window 0")
+    detector: str
+    alpha: float = Field(description="the test's level over the ten digits")
+    window: int = Field(description="answers in this replica's window now")
+    window_size: int
+    window_since: float | None = Field(description="when the window's oldest answer was given, seconds since the epoch")
+    drift: bool | None = Field(description=f"null until the window holds {MIN_ANSWERS} answers")
+    statistic: float | None = Field(description="the largest digit's Kolmogorov-Smirnov statistic")
+    p_value: float | None = Field(description="Bonferroni-corrected over the ten digits")
+    moved: list[int] = Field(description="the digits whose probabilities moved most")
+    drifting_since: float | None = Field(description="when this replica first found the drift still found now")
+    note: str = Field(description="the finding in one line, or why there is none")
 
 
 class Refusal(BaseModel):
@@ -172,6 +193,7 @@ class Loaded:
     path: str
     model: object
     loaded_at: float
+    watch: Watch  # this version's window of answers
 
 
 def current(store: str | None, model_file: str | None) -> tuple[str, str]:
@@ -185,14 +207,15 @@ def current(store: str | None, model_file: str | None) -> tuple[str, str]:
     return vid, models.model_path(vid)
 
 
-def load(version: str, path: str) -> Loaded:
-    """Load a model and check it predicts ten probabilities; an InputError in one line if not."""
+def load(version: str, path: str, window: int = WINDOW, alpha: float = shift.ALPHA) -> Loaded:
+    """Load a model and check it predicts ten probabilities (an InputError in one line if not), with
+    a window watching its answers against the shift reference beside it (none: unwatched)."""
     quiet.import_tensorflow()  # its import-time C++ notices to a log file, not the console
     model = load_model(path)
     probe = np.asarray(model.predict_on_batch(np.zeros((2, 784), np.float32)))
     if probe.shape != (2, 10) or not np.isfinite(probe).all():
         raise InputError(f"{path}: the model's probe prediction is {probe.shape}, not finite (2, 10)")
-    return Loaded(version, path, model, time.time())
+    return Loaded(version, path, model, time.time(), Watch(reference_beside(path), window, alpha))
 
 
 async def uploads(request: Request) -> list[tuple[str, bytes]]:
@@ -220,17 +243,24 @@ class Digits:
     """One replica: the model it serves now, a thread watching the store, and the HTTP routes."""
 
     def __init__(self, store: str | None, model_file: str | None, poll_s: float = POLL_S,
-                 max_batch: int = BATCH_SIZE):
+                 max_batch: int = BATCH_SIZE, drift_window: int = WINDOW, drift_alpha: float = shift.ALPHA):
         self.store, self.model_file = store, model_file
+        self.watching = (drift_window, drift_alpha)  # each loaded version's Watch
         self.infer.set_max_batch_size(max_batch)  # 1: every request its own model call
-        self.loaded = load(*current(store, model_file))
+        self.loaded = load(*current(store, model_file), *self.watching)
         self._failed: set[str] = set()
-        if store:
-            threading.Thread(target=self._watch, args=(poll_s,), name="store-watch", daemon=True).start()
+        threading.Thread(target=self._watch, args=(poll_s,), name="store-watch", daemon=True).start()
 
     def _watch(self, poll_s: float) -> None:
+        """Every poll_s: test the window of answers, and follow the store's pointer (if serving a store)."""
         while True:
             time.sleep(poll_s)
+            try:
+                self._drift()
+            except Exception:  # said once by _drift; the watch goes on
+                pass
+            if not self.store:
+                continue
             try:
                 version, path = current(self.store, None)
             except Exception as exc:  # a pointer being repaired: keep serving, say so once
@@ -240,12 +270,25 @@ class Digits:
             if version == self.loaded.version or version in self._failed:
                 continue
             try:
-                self.loaded = load(version, path)  # one reference swap: a request uses one model or the other
+                self.loaded = load(version, path, *self.watching)  # one swap: a request uses one model or the other
                 logger.warning("now serving version %s", version)
             except Exception as exc:
                 self._failed.add(version)
                 logger.warning("version %s does not load (%s); still serving %s", version,
                                errors.first_line(exc, limit=200), self.loaded.version)
+
+    def _drift(self) -> Drift:
+        loaded = self.loaded
+        try:
+            report, first = loaded.watch.check()
+        except Exception as exc:  # a reference of the wrong shape: say so once, keep serving
+            self._once(f"drift {loaded.version}", f"cannot test version {loaded.version}'s answers for drift "
+                       f"({errors.first_line(exc, limit=200)})")
+            raise
+        if first:
+            logger.warning("drift: the last %d answers moved from version %s's training data: %s", report.window,
+                           loaded.version, report.note)
+        return Drift(version=loaded.version, **report.to_dict())
 
     def _once(self, key: str, message: str) -> None:
         if key not in self._failed:
@@ -281,6 +324,11 @@ class Digits:
         return About(version=loaded.version, model=loaded.path, loaded_at=loaded.loaded_at,
                      source="store" if self.store else "file")
 
+    @http.get("/drift")
+    async def drift(self) -> Drift:
+        """Has the data moved? BBSD on this replica's last answers against the served version's reference."""
+        return await asyncio.to_thread(self._drift)
+
     @http.get("/", response_class=HTMLResponse)
     async def drawing(self) -> HTMLResponse:
         """A page to draw a digit on, or drop a picture on, with the answer as bars."""
@@ -292,10 +340,12 @@ class Digits:
         loaded = self.loaded
         probs = await asyncio.to_thread(loaded.model.predict_on_batch, np.concatenate(requests))
         probs, ends = np.asarray(probs), np.cumsum([len(r) for r in requests])
+        loaded.watch.add(probs)
         return [(probs[end - len(r):end], loaded.version) for r, end in zip(requests, ends)]
 
 
-def app(store: str | None, model_file: str | None, replicas, poll_s: float = POLL_S, max_batch: int = BATCH_SIZE):
+def app(store: str | None, model_file: str | None, replicas, poll_s: float = POLL_S, max_batch: int = BATCH_SIZE,
+        drift_window: int = WINDOW, drift_alpha: float = shift.ALPHA):
     """The bound Serve application: `replicas` an int, or (min, max) for autoscaling. A replica takes
     up to two full batches of requests at once (MAX_ONGOING), so a batch fills while the one before runs."""
     options = ({"num_replicas": replicas} if isinstance(replicas, int) else
@@ -304,7 +354,7 @@ def app(store: str | None, model_file: str | None, replicas, poll_s: float = POL
     deployment = serve.deployment(Digits, name="mnist", ray_actor_options={"num_cpus": 1},
                                   max_ongoing_requests=MAX_ONGOING, **options)
     return deployment.bind(store and os.path.abspath(store), model_file and os.path.abspath(model_file), poll_s,
-                           max_batch)
+                           max_batch, drift_window, drift_alpha)
 
 
 def build(args: dict):
@@ -331,6 +381,9 @@ class Options:
                             metavar=None)
     address: str | None = option(None, "Ray cluster to deploy to (default: $RAY_ADDRESS, else a local Ray)",
                                  metavar=None)
+    drift_window: int = option(WINDOW, "answers each replica keeps to test for drift against the served "
+                               "version's training data (GET /drift; 0: off)", metavar="N")
+    drift_alpha: float = option(shift.ALPHA, "the drift test's level over the ten digits", metavar=None)
     verbose: bool = option(False, "Ray Serve's own log lines on the console too, an access line per request among them")
 
 
@@ -344,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         version, path = current(args.store, args.model)  # a missing store or file: before Ray starts
         if not os.path.isfile(path):
             raise InputError(f"model file {path} not found")
-        if args.max_batch < 1 or args.poll_s <= 0:
-            raise UsageError("--max-batch must be at least 1 and --poll-s positive")
+        if args.max_batch < 1 or args.poll_s <= 0 or args.drift_window < 0:
+            raise UsageError("--max-batch must be at least 1, --poll-s positive and --drift-window at least 0")
+        if not 0 < args.drift_alpha < 1:
+            raise UsageError(f"--drift-alpha must lie strictly between 0 and 1, got {args.drift_alpha}")
         cfg = Config(address=args.address, num_workers=1, verbose=args.verbose)
     except errors.JobError as exc:
         return fail(errors.first_line(exc, limit=300))
@@ -360,9 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                 logger.setLevel(logging.WARNING)
             logs = {"log_level": "INFO" if args.verbose else "WARNING", "enable_access_log": args.verbose}
             serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logs)
-            serve.run(app(args.store, args.model, args.replicas, args.poll_s, args.max_batch), name="mnist",
+            serve.run(app(args.store, args.model, args.replicas, args.poll_s, args.max_batch, args.drift_window,
+                          args.drift_alpha), name="mnist",
                       route_prefix="/", logging_config=logs)
-            print(f"serving {version} at http://{args.host}:{args.port}/ (POST /predict, GET /healthz, /version)",
+            print(f"serving {version} at http://{args.host}:{args.port}/ (POST /predict, GET /healthz, /version, "
+                  "/drift)",
                   flush=True)
             if cluster.address(cfg):
                 print("deployed to the cluster; it keeps serving after this command ends (`serve shutdown` stops it)")

@@ -1,0 +1,101 @@
+"""The served model watches its inputs: a bounded window of the answers a replica gave (their softmax
+rows) tested against the served version's shift reference with the retraining cycle's detector
+(trainer/data/shift.py: BBSD, a KS test per class, Bonferroni).
+
+    watch = Watch(reference, size=1000, alpha=0.01)   # reference: the version's shift_reference.npy
+    watch.add(probs)                                   # each model call: a copy into a ring buffer
+    report = watch.check()                             # the test on the window now (a few ms)
+
+A version's reference lies beside its model (versions/<id>/shift_reference.npy); a model without
+one is served unwatched, and GET /drift says why. `add` is all a request pays: a lock and a row copy.
+The test runs off the request path, in the replica's watch thread and on GET /drift. The first test
+that finds a shift logs one line; the window then stays "drifting" until a test finds none.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from trainer.data import shift
+
+WINDOW = 1000  # answers a replica keeps: BBSD at 1,000 rows catches the large shifts (docs/operations.md)
+MIN_ANSWERS = 100  # fewer in the window: not tested yet
+
+
+@dataclass(frozen=True)
+class Report:
+    """GET /drift's answer (the replica that answered; each replica keeps its own window)."""
+
+    watching: bool
+    detector: str
+    alpha: float
+    window: int  # answers in the window now
+    window_size: int
+    window_since: float | None  # when the oldest answer in the window was given, seconds since the epoch
+    drift: bool | None  # None: not tested (not watching, or fewer than MIN_ANSWERS answers)
+    statistic: float | None
+    p_value: float | None
+    moved: list[int]  # the digits whose outputs moved most
+    drifting_since: float | None  # when a test first found the shift still found now
+    note: str  # one line: what the test found, or why there is none
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_beside(model_path: str) -> np.ndarray | None:
+    """The shift reference kept beside a model (a store version's folder), or None."""
+    path = os.path.join(os.path.dirname(model_path), shift.REFERENCE)
+    return np.load(path, allow_pickle=False) if os.path.isfile(path) else None
+
+
+class Watch:
+    """A replica's window of answers for one served version, and the detector's state on it."""
+
+    def __init__(self, reference: np.ndarray | None, size: int = WINDOW, alpha: float = shift.ALPHA):
+        self.reference, self.size, self.alpha = reference, size, alpha
+        self.watching = reference is not None and size > 0
+        self._rows = np.empty((size if self.watching else 0, 10), np.float32)
+        self._times = np.zeros(len(self._rows))
+        self._next = self._count = 0
+        self._lock = threading.Lock()
+        self.drifting_since: float | None = None
+
+    def add(self, probs: np.ndarray) -> None:
+        """Keep the newest `size` answers (the request path's whole cost)."""
+        if not self.watching:
+            return
+        probs = probs[-self.size:]
+        now = time.time()
+        with self._lock:
+            ends = np.arange(self._next, self._next + len(probs)) % self.size
+            self._rows[ends], self._times[ends] = probs, now
+            self._next = (self._next + len(probs)) % self.size
+            self._count = min(self.size, self._count + len(probs))
+
+    def check(self) -> tuple[Report, bool]:
+        """The test on the window now, and whether it is the first to find a shift (say so once)."""
+        with self._lock:
+            rows, times = self._rows[:self._count].copy(), self._times[:self._count].copy()
+        since = float(times.min()) if len(times) else None
+        base = {"watching": self.watching, "detector": shift.DETECTOR, "alpha": self.alpha, "window": len(rows),
+                "window_size": self.size, "window_since": since}
+        if not self.watching:
+            why = "no shift reference beside the served model" if self.reference is None else "--drift-window 0"
+            return Report(**base, drift=None, statistic=None, p_value=None, moved=[], drifting_since=None,
+                          note=f"not watching: {why}"), False
+        if len(rows) < min(MIN_ANSWERS, self.size):
+            return Report(**base, drift=None, statistic=None, p_value=None, moved=[], drifting_since=None,
+                          note=f"{len(rows)} answers so far; testing from {min(MIN_ANSWERS, self.size)}"), False
+        found = shift.bbsd(self.reference, rows)
+        drift = found.p_value < self.alpha
+        with self._lock:  # the watch thread and GET /drift both test: one of them is first
+            first = drift and self.drifting_since is None
+            self.drifting_since = (self.drifting_since or time.time()) if drift else None
+        return Report(**base, drift=drift, statistic=found.statistic, p_value=found.p_value, moved=found.moved(),
+                      drifting_since=self.drifting_since, note=found.describe(self.alpha)), first
