@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, job_env
+from tests.conftest import ROOT, SAMPLE, full_mnist, job_env
 from trainer.data.shift import DETECTOR, bbsd, sample_rows
 
 
@@ -72,6 +72,30 @@ def test_the_power_script_refuses_bad_flags_in_one_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: --alpha")
 
+
+
+@pytest.mark.slow
+def test_on_full_mnist_false_alarms_stay_rare_and_every_large_shift_is_caught():
+    """The power table's smallest meaningful version (the whole table: scripts/shift_power.py): the
+    job's model on full MNIST, the reference its outputs on 10,000 of its training rows, draws from the
+    other 50,000. False alarms at most 5% at the default alpha; each large shift, on half the images or
+    all of them, caught in every draw of 10,000."""
+    from trainer.data import shards
+    from trainer.data.shift import ALPHA
+
+    power = load_power_script()
+    data = shards.load(full_mnist())
+    bench = power.Bench(data, power.train_model(data, epochs=2), 10_000, ALPHA, seed=0)
+    alarms = [bench.rates(size, draws, bench.null_pick)[0] for size, draws in ((1_000, 100), (10_000, 20))]
+    assert max(alarms) <= 0.05, alarms
+    rng = np.random.default_rng(1)
+    for kind, levels in (("noise", power.NOISE), ("rotation", power.ROTATION), ("translation", power.TRANSLATION),
+                         ("zoom", power.ZOOM)):
+        shifted = power.transform(bench.x, kind, levels["large"], rng)
+        outputs = bench.outputs(shifted)
+        for fraction in (0.5, 1.0):
+            caught, _ = bench.rates(10_000, 5, bench.shifted_pick(shifted, outputs, fraction))
+            assert caught == 1.0, (kind, fraction, caught)
 
 # ---- in a retraining cycle: the current version's reference, and a refusal before training ------
 

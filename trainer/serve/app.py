@@ -51,7 +51,7 @@ from trainer.common.cli import add_options, bug, fail, option, parse_workers, sc
 from trainer.common.errors import InputError, UsageError
 from trainer.config import Config
 from trainer.data import shift
-from trainer.serve.drift import MIN_ANSWERS, WINDOW, Watch, reference_beside
+from trainer.serve.drift import WINDOW, Report, Watch, reference_beside
 from trainer.serve.inputs import (
     EMPTY_BODY,
     IMAGE_TYPES,
@@ -100,20 +100,8 @@ class About(BaseModel):
     source: str = Field(description="store or file")
 
 
-class Drift(BaseModel):
+class Drift(Report):
     version: str = Field(description="the version whose answers the window holds")
-    watching: bool = Field(description="false where the served model has no shift reference, or --drift-window 0")
-    detector: str
-    alpha: float = Field(description="the test's level over the ten digits")
-    window: int = Field(description="answers in this replica's window now")
-    window_size: int
-    window_since: float | None = Field(description="when the window's oldest answer was given, seconds since the epoch")
-    drift: bool | None = Field(description=f"null until the window holds {MIN_ANSWERS} answers")
-    statistic: float | None = Field(description="the largest digit's Kolmogorov-Smirnov statistic")
-    p_value: float | None = Field(description="Bonferroni-corrected over the ten digits")
-    moved: list[int] = Field(description="the digits whose probabilities moved most")
-    drifting_since: float | None = Field(description="when this replica first found the drift still found now")
-    note: str = Field(description="the finding in one line, or why there is none")
 
 
 class Refusal(BaseModel):
@@ -288,7 +276,7 @@ class Digits:
         if first:
             logger.warning("drift: the last %d answers moved from version %s's training data: %s", report.window,
                            loaded.version, report.note)
-        return Drift(version=loaded.version, **report.to_dict())
+        return Drift(version=loaded.version, **report.model_dump())
 
     def _once(self, key: str, message: str) -> None:
         if key not in self._failed:

@@ -12,14 +12,13 @@ The test runs off the request path, in the replica's watch thread and on GET /dr
 that finds a shift logs one line; the window then stays "drifting" until a test finds none.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Report is a pydantic model FastAPI documents (see app.py).
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from trainer.data import shift
 
@@ -27,25 +26,22 @@ WINDOW = 1000  # answers a replica keeps: BBSD at 1,000 rows catches the large s
 MIN_ANSWERS = 100  # fewer in the window: not tested yet
 
 
-@dataclass(frozen=True)
-class Report:
-    """GET /drift's answer (the replica that answered; each replica keeps its own window)."""
+class Report(BaseModel):
+    """What a replica's test of its window found (GET /drift, with the version; each replica keeps
+    its own window)."""
 
-    watching: bool
+    watching: bool = Field(description="false where the served model has no shift reference, or --drift-window 0")
     detector: str
-    alpha: float
-    window: int  # answers in the window now
+    alpha: float = Field(description="the test's level over the ten digits")
+    window: int = Field(description="answers in this replica's window now")
     window_size: int
-    window_since: float | None  # when the oldest answer in the window was given, seconds since the epoch
-    drift: bool | None  # None: not tested (not watching, or fewer than MIN_ANSWERS answers)
-    statistic: float | None
-    p_value: float | None
-    moved: list[int]  # the digits whose outputs moved most
-    drifting_since: float | None  # when a test first found the shift still found now
-    note: str  # one line: what the test found, or why there is none
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    window_since: float | None = Field(description="when the window's oldest answer was given, seconds since the epoch")
+    drift: bool | None = Field(description=f"null until the window holds {MIN_ANSWERS} answers")
+    statistic: float | None = Field(description="the largest digit's Kolmogorov-Smirnov statistic")
+    p_value: float | None = Field(description="Bonferroni-corrected over the ten digits")
+    moved: list[int] = Field(description="the digits whose probabilities moved most")
+    drifting_since: float | None = Field(description="when this replica first found the drift still found now")
+    note: str = Field(description="the finding in one line, or why there is none")
 
 
 def reference_beside(model_path: str) -> np.ndarray | None:
