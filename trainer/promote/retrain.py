@@ -35,6 +35,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 from trainer.common import errors, fs, provenance
@@ -180,7 +181,9 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
         if source and "://" not in source:
             source = os.path.abspath(source)  # the record outlives the working directory
         parquet_dir, mnist, manifest = shards.prepare(source, store.path(DATA), whole=False)
+        started = time.monotonic()
         profile, mnist = promotion.survey(parquet_dir, manifest, mnist)  # the test split, a training sample
+        surveyed = round(time.monotonic() - started, 2)
         digest = manifest.content_sha256
         if current is not None and not cfg.force and unchanged(store.record(current), cfg, digest):
             print(f"nothing changed since the current version {current} (data sha256 "
@@ -193,15 +196,18 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
                 "profile": profile}
         record = VersionRecord(vid, parent=parent, started=iso(utc_now()), git_commit=provenance.git_commit(),
                                host=socket.gethostname(), config=cfg.to_dict(), data=data,
-                               data_checks=promotion.check_data(store, current, data["profile"], accept_data_change))
+                               data_checks={**promotion.check_data(store, current, profile, accept_data_change),
+                                            "seconds": {"survey": surveyed}})  # the checks' cost
         if record.data_checks["problems"] and not accept_data_change:  # before TensorFlow: the thresholds
             return refuse(store, record, current)
         model = (promotion.load_model(store.model_path(current), cfg.verbose, f"current version {current}")
                  if current else None)  # an unreadable current model stops the cycle before training
+        started = time.monotonic()
         found = promotion.check_shift(store, current, model, mnist) if current else None
         if found is not None:
-            record = record.advance(data_checks=promotion.with_shift(record.data_checks, found, drift_alpha,
-                                                                     accept_data_change))
+            checked = promotion.with_shift(record.data_checks, found, drift_alpha, accept_data_change)
+            record = record.advance(data_checks={**checked, "seconds": {
+                "survey": surveyed, "shift": round(time.monotonic() - started, 2)}})
             if record.data_checks["problems"] and not accept_data_change:
                 return refuse(store, record, current)
         baseline = promotion.score(model, mnist, f"current version {current}") if current else None
