@@ -2,11 +2,14 @@
 
     python scripts/serve_benchmark.py --model models/mnist.keras      # about 3 minutes
 
-For each app (1 replica, 2 replicas, and 1 replica with batching off: --max-batch 1) started as
-`python -m trainer.serve.app` on a free loopback port, and each count of concurrent clients (threads
+For each app (1 replica, 2 replicas, 1 replica with batching off: --max-batch 1, and 1 replica with
+the drift watch off: --drift-window 0) started as `python -m trainer.serve.app` on a free loopback port, and each count of concurrent clients (threads
 posting one 28x28 test digit at a time, keep-alive off as curl does): requests per second, p50 and
 p99 latency over --seconds, after a second of warm-up. The baseline, measured first in this process:
 model.predict on one image in a plain Python loop. Prints the table with each rate as a ratio to it.
+The model is served from a folder of its own (under --output) beside a shift reference, its outputs on
+the sample's training images, so each app but the last watches its answers for drift as a store's
+version is watched (trainer/serve/drift.py); one digit posted again and again is a drift it reports.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from trainer.common.net import loopback_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "data", "mnist_sample.npz")
-APPS = (("1 replica", ["--replicas", "1"]), ("2 replicas", ["--replicas", "2"]),
-        ("1 replica, batching off", ["--replicas", "1", "--max-batch", "1"]))
+APPS = {"one": ("1 replica", ["--replicas", "1"]), "two": ("2 replicas", ["--replicas", "2"]),
+        "unbatched": ("1 replica, batching off", ["--replicas", "1", "--max-batch", "1"]),
+        "unwatched": ("1 replica, drift watch off", ["--replicas", "1", "--drift-window", "0"])}
 
 
 def baseline(model_path: str, digit: np.ndarray, seconds: float) -> dict:
@@ -81,6 +85,23 @@ def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
     return {**summary(latencies, seconds), "failures": failures[0]}
 
 
+def watched(model_path: str, folder: str) -> str:
+    """The model copied into `folder` beside its shift reference (its outputs on the sample's training
+    images), as a store keeps a version."""
+    import shutil
+
+    from trainer.data.shift import REFERENCE
+    from trainer.track.models import load_model
+
+    os.makedirs(folder, exist_ok=True)
+    served = os.path.join(folder, os.path.basename(model_path))
+    shutil.copyfile(model_path, served)
+    with np.load(SAMPLE) as npz:
+        images = npz["x_train"].reshape(-1, 784).astype(np.float32) / 255.0
+    np.save(os.path.join(folder, REFERENCE), np.asarray(load_model(model_path).predict(images, verbose=0), np.float32))
+    return served
+
+
 def serve(model_path: str, flags: list[str], log: str):
     port = loopback_port()
     proc = subprocess.Popen([sys.executable, "-m", "trainer.serve.app", "--model", model_path, "--port", str(port), *flags],
@@ -105,17 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8,32", help="concurrent client counts")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
     parser.add_argument("--output", default="serve-bench", help="serve_benchmark.json and the apps' logs")
+    parser.add_argument("--apps", default=",".join(APPS), help=f"which apps, in order ({', '.join(APPS)})")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.model):
         parser.error(f"no such model file: {args.model}")
+    unknown = sorted(set(args.apps.split(",")) - set(APPS))
+    if unknown:
+        parser.error(f"unknown app(s) {', '.join(unknown)}; choose from {', '.join(APPS)}")
     os.makedirs(args.output, exist_ok=True)
     with np.load(SAMPLE) as npz:
         digit = npz["x_test"][0]
     body = json.dumps({"image": digit.tolist()}).encode()
     rows = [{"app": "model.predict, one image at a time (baseline)", "clients": 1,
              **baseline(args.model, digit, args.seconds)}]
-    for name, flags in APPS:
-        proc, url = serve(os.path.abspath(args.model), flags, os.path.join(args.output, f"{name}.log"))
+    model = watched(args.model, os.path.join(args.output, "model"))
+    for name, flags in (APPS[key] for key in args.apps.split(",")):
+        proc, url = serve(os.path.abspath(model), flags, os.path.join(args.output, f"{name}.log"))
         try:
             for clients in (int(c) for c in args.clients.split(",")):
                 rows.append({"app": name, "clients": clients, **load(url + "/predict", body, clients, args.seconds)})
