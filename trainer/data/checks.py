@@ -57,7 +57,7 @@ class Profiler:
     split's 10,000 hashes and the sketch."""
 
     def __init__(self, x_test: np.ndarray):
-        self.test_hashes = image_hashes(x_test)
+        self.test_hashes = np.sort(image_hashes(x_test))  # sorted: each piece's rows are looked up in it
         self.leaked = np.zeros(len(self.test_hashes), bool)
         self.labels = np.zeros(DIGITS, np.int64)
         self.ink = np.zeros(DIGITS)  # per digit: the sum of its images' mean intensities
@@ -66,12 +66,16 @@ class Profiler:
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         hashes = image_hashes(x)
-        self.leaked |= np.isin(self.test_hashes, hashes)
-        self.sketch = np.unique(np.concatenate([self.sketch, hashes]))[:SKETCH]
+        if len(self.test_hashes):  # np.isin would sort the piece; a lookup in the sorted test hashes does not
+            at = np.minimum(np.searchsorted(self.test_hashes, hashes), len(self.test_hashes) - 1)
+            found = self.test_hashes[at] == hashes
+            self.leaked |= np.isin(self.test_hashes, hashes[found])
+        smallest = hashes if len(hashes) <= SKETCH else hashes[np.argpartition(hashes, SKETCH)[:SKETCH]]
+        self.sketch = np.unique(np.concatenate([self.sketch, smallest]))[:SKETCH]
         ink = x.reshape(len(x), -1).sum(axis=1, dtype=np.uint32) / (255.0 * x[0].size) if len(x) else np.empty(0)
         self.labels += np.bincount(y, minlength=DIGITS)[:DIGITS]
         self.ink += np.bincount(y, weights=ink, minlength=DIGITS)[:DIGITS]
-        self.blank += int(np.count_nonzero(x == 0))
+        self.blank += x.size - int(np.count_nonzero(x))
         self.pixels += x.size
 
     def profile(self) -> dict:
