@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, full_mnist, job_env
+from tests.conftest import ROOT, SAMPLE, job_env
 from trainer.data.shift import DETECTOR, bbsd, sample_rows
 
 
@@ -75,7 +75,7 @@ def test_the_power_script_refuses_bad_flags_in_one_line():
 
 
 @pytest.mark.slow
-def test_on_full_mnist_false_alarms_stay_rare_and_every_large_shift_is_caught():
+def test_on_full_mnist_false_alarms_stay_rare_and_every_large_shift_is_caught(full_mnist):
     """The power table's smallest meaningful version (the whole table: scripts/shift_power.py): the
     job's model on full MNIST, the reference its outputs on 10,000 of its training rows, draws from the
     other 50,000. False alarms at most 5% at the default alpha; each large shift, on half the images or
@@ -84,7 +84,7 @@ def test_on_full_mnist_false_alarms_stay_rare_and_every_large_shift_is_caught():
     from trainer.data.shift import ALPHA
 
     power = load_power_script()
-    data = shards.load(full_mnist())
+    data = shards.load(full_mnist)
     bench = power.Bench(data, power.train_model(data, epochs=2), 10_000, ALPHA, seed=0)
     alarms = [bench.rates(size, draws, bench.null_pick)[0] for size, draws in ((1_000, 100), (10_000, 20))]
     assert max(alarms) <= 0.05, alarms
