@@ -1,5 +1,7 @@
-"""BBSD (trainer/data/shift.py) on outputs with a known answer, and scripts/shift_power.py at its
-smallest on the committed sample (a real model, real transforms; no Ray)."""
+"""BBSD (trainer/data/shift.py) on outputs with a known answer; scripts/shift_power.py at its smallest
+on the committed sample, and its core on full MNIST (slow); the shift check in real retraining cycles
+on a store whose current version holds a real model (a refusal needs no Ray; an accepted shift trains
+on Ray); and mnist-serve's window of answers (trainer/serve/drift.py)."""
 
 import json
 import os
@@ -157,17 +159,21 @@ def test_the_same_data_passes_and_a_version_keeps_its_reference(current):
     assert found.p_value == 1.0 and found.statistic < 1e-3  # the same rows through the same model
 
 
-def test_a_shift_the_thresholds_miss_is_refused_with_exit_4_in_one_line(current, tmp_path):
-    """Half the training images translated by up to 20% of the width: the label mix and the pixel
-    statistics barely move (today's checks pass it), the model's outputs do."""
+def rotated_day(store, vid: str, sample, path) -> str:
+    """The sample with half its training images rotated by up to 40 degrees, written as a day's .npz:
+    the label mix and the pixel statistics barely move (today's checks pass it), the model's outputs do."""
     from trainer.data.checks import Limits, compare, profile
 
-    store, vid, _, sample = current
-    moved = shifted(sample, "translation", 0.2, 0.5)
+    moved = shifted(sample, "rotation", 40.0, 0.5)
     assert compare(store.record(vid).data["profile"], profile(moved), Limits()) == []
-    data = tmp_path / "moved.npz"
-    np.savez(data, x_train=moved.x_train, y_train=moved.y_train, x_test=moved.x_test, y_test=moved.y_test)
-    run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", store.root, "--data", str(data)],
+    np.savez(path, x_train=moved.x_train, y_train=moved.y_train, x_test=moved.x_test, y_test=moved.y_test)
+    return str(path)
+
+
+def test_a_shift_the_thresholds_miss_is_refused_with_exit_4_in_one_line(current, tmp_path):
+    store, vid, _, sample = current
+    data = rotated_day(store, vid, sample, tmp_path / "rotated.npz")
+    run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", store.root, "--data", data],
                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 4, run.stdout + run.stderr
     (line,) = run.stdout.splitlines()
@@ -241,3 +247,27 @@ def test_a_model_without_a_reference_or_a_window_is_served_unwatched(tmp_path):
         watch.add(np.ones((3, 10), np.float32))
         report, first = watch.check()
         assert not report.watching and report.drift is None and why in report.note and report.window == 0
+
+
+@pytest.mark.ray
+def test_an_accepted_shift_trains_and_its_record_keeps_the_test(current, tmp_path):
+    """The same rotated day with --accept-data-change: a real cycle trains on it (Ray, 1 worker, 1
+    epoch), says why in one line, and the record keeps BBSD's result and the override."""
+    import shutil
+
+    from trainer.data.shift import REFERENCE
+    from trainer.store.model_store import Store
+
+    store, vid, _, sample = current
+    copy = Store(str(tmp_path / "store"))  # this store's own history: the fixture's stays as it is
+    shutil.copytree(store.root, copy.root)
+    data = rotated_day(store, vid, sample, tmp_path / "rotated.npz")
+    run = subprocess.run([sys.executable, "jobs/retrain.py", "--store", copy.root, "--data", data,
+                          "--accept-data-change", "--epochs", "1", "--num-workers", "1", "--min-accuracy", "0.5"],
+                         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode in (0, 3), run.stdout[-3000:] + run.stderr[-3000:]  # promoted, or the gate said no
+    assert f"--accept-data-change: training despite shift: {DETECTOR}: largest D " in run.stdout
+    (trained,) = [r for r in copy.records() if r.version != vid and r.decision != "refused"]
+    assert trained.data_checks["accepted"] and trained.data_checks["shift"]["p_value"] < 0.01
+    assert trained.data_checks["problems"][0].startswith(f"shift: {DETECTOR}")
+    assert trained.test_accuracy is not None and os.path.isfile(f"{copy.version_dir(trained.version)}/{REFERENCE}")
