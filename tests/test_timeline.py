@@ -82,3 +82,16 @@ def test_resizes_name_each_change_of_world_size_and_why():
     ]
     assert resizes([epoch(1, 2), epoch(2, 2, launch="b")]) == [] and resizes([]) == []
     assert resizes([{"epoch": 1, "seconds": 1.0, "first_step_unix": 1.0}, epoch(2, 2)]) == []  # an older run's record
+
+
+def test_a_process_reports_its_own_peak_not_that_of_whoever_started_it():
+    """ru_maxrss after fork and exec carries the parent's peak on Linux; the job's figure must not."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(300 * 2**20, np.uint8)  # 300 MB resident in this process
+    child = subprocess.run([sys.executable, "-c", "from trainer.common.timeline import peak_rss_mb; "
+                            "print(peak_rss_mb())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 150 < held.nbytes / 2**20
