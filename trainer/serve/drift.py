@@ -58,7 +58,8 @@ class Watch:
         self.watching = reference is not None and size > 0
         self._rows = np.empty((size if self.watching else 0, 10), np.float32)
         self._times = np.zeros(len(self._rows))
-        self._next = self._count = 0
+        self._next = self._count = self._added = 0  # _added: answers ever added, to tell a new window
+        self._tested: tuple[int, Report] | None = None  # the last test, and how many answers it had seen
         self._lock = threading.Lock()
         self.drifting_since: float | None = None
 
@@ -73,11 +74,16 @@ class Watch:
             self._rows[ends], self._times[ends] = probs, now
             self._next = (self._next + len(probs)) % self.size
             self._count = min(self.size, self._count + len(probs))
+            self._added += len(probs)
 
     def check(self) -> tuple[Report, bool]:
-        """The test on the window now, and whether it is the first to find a shift (say so once)."""
+        """The test on the window now, and whether it is the first to find a shift (say so once). A
+        window no answer has joined since the last test keeps that test's report: an idle replica
+        does not test the same rows every poll."""
         with self._lock:
-            rows, times = self._rows[:self._count].copy(), self._times[:self._count].copy()
+            if self._tested and self._tested[0] == self._added:
+                return self._tested[1], False
+            rows, times, added = self._rows[:self._count].copy(), self._times[:self._count].copy(), self._added
         since = float(times.min()) if len(times) else None
         base = {"watching": self.watching, "detector": shift.DETECTOR, "alpha": self.alpha, "window": len(rows),
                 "window_size": self.size, "window_since": since}
@@ -93,5 +99,7 @@ class Watch:
         with self._lock:  # the watch thread and GET /drift both test: one of them is first
             first = drift and self.drifting_since is None
             self.drifting_since = (self.drifting_since or time.time()) if drift else None
-        return Report(**base, drift=drift, statistic=found.statistic, p_value=found.p_value, moved=found.moved(),
-                      drifting_since=self.drifting_since, note=found.describe(self.alpha)), first
+            report = Report(**base, drift=drift, statistic=found.statistic, p_value=found.p_value,
+                            moved=found.moved(), drifting_since=self.drifting_since, note=found.describe(self.alpha))
+            self._tested = (added, report)
+        return report, first
