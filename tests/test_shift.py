@@ -271,3 +271,17 @@ def test_an_accepted_shift_trains_and_its_record_keeps_the_test(current, tmp_pat
     assert trained.data_checks["accepted"] and trained.data_checks["shift"]["p_value"] < 0.01
     assert trained.data_checks["problems"][0].startswith(f"shift: {DETECTOR}")
     assert trained.test_accuracy is not None and os.path.isfile(f"{copy.version_dir(trained.version)}/{REFERENCE}")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--drift-window", "-1"], "--drift-window at least 0"),
+    (["--drift-alpha", "1"], "--drift-alpha must lie strictly between 0 and 1, got 1.0"),
+])
+def test_mnist_serve_refuses_a_bad_drift_flag_in_one_line_before_ray(tmp_path, capsys, flags, message):
+    from trainer.serve import app
+
+    model = tmp_path / "mnist.keras"
+    model.write_bytes(b"checked only once a replica loads it")
+    assert app.main(["--model", str(model), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -233,9 +233,9 @@ class Digits:
     def __init__(self, store: str | None, model_file: str | None, poll_s: float = POLL_S,
                  max_batch: int = BATCH_SIZE, drift_window: int = WINDOW, drift_alpha: float = shift.ALPHA):
         self.store, self.model_file = store, model_file
-        self.watching = (drift_window, drift_alpha)  # each loaded version's Watch
+        self._drift_args = (drift_window, drift_alpha)  # each loaded version's Watch
         self.infer.set_max_batch_size(max_batch)  # 1: every request its own model call
-        self.loaded = load(*current(store, model_file), *self.watching)
+        self.loaded = load(*current(store, model_file), *self._drift_args)
         self._failed: set[str] = set()
         threading.Thread(target=self._watch, args=(poll_s,), name="store-watch", daemon=True).start()
 
@@ -258,7 +258,7 @@ class Digits:
             if version == self.loaded.version or version in self._failed:
                 continue
             try:
-                self.loaded = load(version, path, *self.watching)  # one swap: a request uses one model or the other
+                self.loaded = load(version, path, *self._drift_args)  # one swap: a request uses one model or the other
                 logger.warning("now serving version %s", version)
             except Exception as exc:
                 self._failed.add(version)
