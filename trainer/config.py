@@ -37,6 +37,11 @@ def _opt(default, help, shapes: str | None = None, **extra):
     return option(default, help, shapes=shapes, **extra)
 
 
+def default_of(name: str):
+    """The default of Config field `name`: what a record written before the field existed meant."""
+    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
+
+
 def fields_shaping(*what: str) -> tuple[str, ...]:
     """Names of the Config fields marked with any of `what` (WEIGHTS, RESULT), in field order."""
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("shapes") in what)
@@ -63,6 +68,9 @@ class Config:
     run_name: str | None = _opt(None, "Ray Train run name; reuse it to resume (default: a timestamp)")
     # The recipe (the classic Keras MNIST tutorial).
     model: str = _opt("mlp", "mlp: Dense(512)+Dense(10) (tutorial); cnn: small convnet", choices=MODELS, shapes=WEIGHTS)
+    hidden_units: int = _opt(512, "mlp: the hidden layer's width (the tutorial's 512)", shapes=WEIGHTS)
+    dropout: float = _opt(0.0, "mlp: dropout after the hidden layer while training (0: none, the tutorial)",
+                          shapes=WEIGHTS)
     epochs: int = _opt(5, "training epochs", shapes=RESULT)
     batch_size: int | None = _opt(
         None, f"global batch size, split across the workers, any remainder one example each to the first "
@@ -259,6 +267,10 @@ def _problems(cfg: Config):
         yield f"unknown data_path {cfg.data_path!r}; choose one of {', '.join(DATA_PATHS)}"
     if cfg.model not in MODELS:
         yield f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}"
+    if cfg.hidden_units < 1:
+        yield f"hidden_units must be at least 1, got {cfg.hidden_units}"
+    if not 0 <= cfg.dropout < 1:
+        yield f"dropout must lie in 0..1 (a fraction of the units, 1 excluded), got {cfg.dropout}"
     if cfg.cpus_per_worker < 1:
         yield f"cpus_per_worker must be at least 1, got {cfg.cpus_per_worker}"
     if cfg.placement_strategy not in PLACEMENTS:

@@ -29,7 +29,8 @@ def build_model(cfg: Config, steps_per_epoch: int | None = None) -> keras.Model:
         model = keras.Sequential([
             keras.Input(shape=(784,), name="pixels"),
             *([layers.Reshape((28, 28, 1)), *augmentation(), layers.Flatten()] if cfg.augment else []),
-            layers.Dense(512, activation="relu"),
+            layers.Dense(cfg.hidden_units, activation="relu"),
+            *([layers.Dropout(cfg.dropout)] if cfg.dropout else []),  # none by default: the tutorial's layers
             layers.Dense(NUM_CLASSES, activation="softmax"),
         ], name="mnist_mlp")
     elif cfg.model == "cnn":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from trainer.common.cli import option
 from trainer.common.errors import UsageError
-from trainer.config import RESULT, WEIGHTS, fields_shaping
+from trainer.config import RESULT, WEIGHTS, default_of, fields_shaping
 
 # What a model learns from, besides the data's content: the fields marked so in Config. Where and
 # how a run executes (paths, the cluster, logging, the source's path) is no reason to retrain.
@@ -44,6 +44,7 @@ class Policy:
 
 def fingerprint(config: dict, data_sha256: str) -> dict:
     """What a model is a function of: the data's content and the recipe (not where it ran)."""
-    recipe = json.loads(json.dumps({k: v for k, v in sorted(config.items()) if k in LEARNED_FROM}))
+    # A field the record predates held its default then (hidden_units, dropout: 512 and none).
+    recipe = json.loads(json.dumps({k: config.get(k, default_of(k)) for k in sorted(LEARNED_FROM)}))
     return {"data_sha256": data_sha256, "config": recipe}  # as JSON holds it: a (MIN, MAX) tuple is a list
 
