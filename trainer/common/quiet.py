@@ -87,11 +87,17 @@ def route_unraisable() -> None:
 
 
 NODE_LOST = "has been marked dead"  # Ray's notice for a lost node, from the cluster's error channel
+# The raylet's notice when many actors start at once (a search's trials, controllers and workers on
+# a small node): "WARNING: 8 PYTHON worker processes have been started on node ...", several lines.
+MANY_WORKERS = "worker processes have been started on node"
+# Ray Train's placement group cleaner, each time it frees a stopped trial's workers' reservation:
+# "Detected that the Ray Train controller actor (...) is dead. Cleaning up placement group = [...]".
+PG_CLEANED = "Cleaning up placement group"
 
 
 def route_node_notices() -> None:
     """On the driver, after ray.init: Ray's "(raylet) The node with node id ... has been marked
-    dead" notice goes to log_file(), not the console (with colour codes, seven lines of possible
+    dead" notice (and the raylet's MANY_WORKERS notice) goes to log_file(), not the console (with colour codes, seven lines of possible
     causes, on every lost node). The job's own line says what it did about the node: a restart, or
     an elastic resize. Every other notice still prints. Ray prints the cluster's error messages
     through ray._private.worker.print_to_stdstream, an internal: if an upgrade moves it, the notice
@@ -103,9 +109,11 @@ def route_node_notices() -> None:
         return
 
     def print_to_stdstream(data, ignore_prefix: bool):
-        if data.get("pid") == "raylet" and any(NODE_LOST in line for line in data.get("lines", [])):
+        lines = data.get("lines", [])
+        if (data.get("pid") == "raylet" and any(NODE_LOST in line or MANY_WORKERS in line for line in lines)
+                or any(PG_CLEANED in line for line in lines)):
             with open(log_file(), "a") as f:
-                f.write("".join(f"(raylet) {line}\n" for line in data["lines"]))
+                f.write("".join(f"({data.get('pid')}) {line}\n" for line in lines))
             return
         original(data, ignore_prefix)
 

@@ -94,15 +94,19 @@ class Console(UserCallback):
     each restart's record in <run>/restarts.json (trainer/train/failures.py). Past --max-failures
     no restart line: the driver says why the run failed."""
 
-    def __init__(self, record_path: str, max_failures: int, epochs_done: int, epochs: int):
+    def __init__(self, record_path: str, max_failures: int, epochs_done: int, epochs: int,
+                 epoch_lines: bool = True, prefix: str = ""):
         self.record_path, self.max_failures, self.epochs_done, self.failures = record_path, max_failures, epochs_done, 0
         self.lines = Lines(epochs)
+        self.epoch_lines, self.prefix = epoch_lines, prefix  # a search's trial: its restarts only, named
 
     def after_report(self, run_context, metrics, checkpoint):
         if checkpoint is None or not metrics or "epoch" not in metrics[0]:
             return
         self.epochs_done = metrics[0]["epoch"]
-        self._print(self.lines.epoch(metrics[0]))  # rank 0's record
+        lines = self.lines.epoch(metrics[0])  # rank 0's record
+        if self.epoch_lines:
+            self._print(lines)
 
     def after_exception(self, run_context, worker_exceptions):
         self.failures += 1
@@ -111,8 +115,8 @@ class Console(UserCallback):
         entry = {"restart": self.failures, "of": self.max_failures, "cause": failures.cause(worker_exceptions)[1],
                  "continuing_from_epoch": self.epochs_done + 1, "at_unix": time.time(),
                  "workers": failures.worker_summaries(worker_exceptions)}
-        self._print(self.lines.restart(entry["cause"], entry["continuing_from_epoch"], self.failures,
-                                       self.max_failures))
+        self._print([self.prefix + line for line in self.lines.restart(
+            entry["cause"], entry["continuing_from_epoch"], self.failures, self.max_failures)])
         failures.append_record(self.record_path, entry)
 
     @staticmethod

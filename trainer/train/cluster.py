@@ -106,8 +106,9 @@ def environment(cfg: Config):
         logger.setLevel(level)
 
 
-def connect(ray, cfg: Config) -> bool:
-    """Join the cluster, or start a local Ray bound to loopback. True where the cluster has a
+def connect(ray, cfg: Config, dashboard: bool = False) -> bool:
+    """Join the cluster, or start a local Ray bound to loopback, with a dashboard if `dashboard` (a
+    search's: its stopped trials' placement groups need the cleaner). True where the cluster has a
     dashboard, and with it the state API that Ray Train's placement group cleaner polls."""
     level = logging.INFO if cfg.verbose else logging.WARNING
     joined = address(cfg)
@@ -125,10 +126,12 @@ def connect(ray, cfg: Config) -> bool:
     # No CPU kept back for Ray Data: the driver hands it tables already in the object store
     # (ray.data.from_arrow), so splitting them runs no tasks, even with every CPU held by a worker.
     ray.init(address="local", num_cpus=cfg.local_cpus or os.cpu_count() or 1,
-             num_gpus=None if cfg.use_gpu else 0, include_dashboard=False,
+             num_gpus=None if cfg.use_gpu else 0, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level,
              runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.common.quiet.route_unraisable"})
-    return False
+    if not cfg.verbose:
+        quiet.route_node_notices()
+    return dashboard
 
 
 def forwarded_env() -> dict[str, str]:

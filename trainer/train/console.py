@@ -28,6 +28,7 @@ def progress_line(record: dict, epochs: int, seconds: list[float]) -> str:
     workers = record.get("world_size", 1)
     return (f"epoch {record['epoch']}/{epochs}  {workers} worker{'s' if workers > 1 else ''}  "
             f"loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
+            + (f"val_accuracy {record['val_accuracy']:.4f}  " if "val_accuracy" in record else "") +
             f"{record['samples_per_second']:,.0f} samples/s  {record['seconds']:.1f}s  ~{left:.0f}s left")
 
 

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from trainer.common import errors, fs, provenance, quiet, timeline
-from trainer.config import WEIGHTS, Config, fields_shaping, rank_batch, steps_per_epoch
+from trainer.config import WEIGHTS, Config, default_of, fields_shaping, rank_batch, steps_per_epoch
 from trainer.data import shards
 from trainer.data.mnist import DataError
 from trainer.track import connection, run as tracked_run
@@ -177,25 +177,39 @@ def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
 
 
 def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked, state_api: bool):
+    from trainer.train.backend import Console, EpochMetrics, quiet_start_retries
+
+    points["driver_imports_done"] = time.time()
+    trainer = make_trainer(ray, cfg, plan, cleaner=state_api, callbacks=[
+        Console(fs.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done, cfg.epochs),
+        *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else []),
+        *(quiet_start_retries() if cfg.elastic and not cfg.verbose else [])])
+    points["training_launched"] = time.time()
+    return trainer.fit()
+
+
+def make_trainer(ray, cfg: Config, plan: Plan, cleaner: bool, callbacks: list, validation: str | None = None):
+    """The job's Ray Train trainer for `plan`: its workers (trainer/train/worker.py), data, scaling,
+    checkpoints and failure handling, with the controller's `callbacks`. A search's trial
+    (trainer/tune/) runs this same trainer, scoring each epoch on `validation`'s held-out rows."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    from trainer.train.backend import Console, EpochMetrics, TFConfigSetup, quiet_start_retries, trainer_class
+    from trainer.train.backend import TFConfigSetup, trainer_class
     from trainer.train.worker import train_loop_per_worker
 
-    points["driver_imports_done"] = time.time()
     start = plan.start
     local = not cluster.address(cfg)
     # --pin-cpus auto: CPU workers on the job's own Ray, where nothing else runs (docs/performance.md)
     pin = cfg.pin_cpus == "yes" or (cfg.pin_cpus == "auto" and local and not cfg.use_gpu)
-    trainer = trainer_class(cleaner=state_api)(
+    return trainer_class(cleaner=cleaner)(
         train_loop_per_worker,
         train_loop_config=LoopConfig(
             cfg, plan.train_rows, launch=uuid.uuid4().hex[:8],
             init={"weights": start.weights, "slots": start.slots} if start else None,
             stream={"path": plan.parquet_dir, "files": plan.manifest.files("train")} if plan.streaming
             else None,
-            pin=pin).to_dict(),
+            validation=validation, pin=pin).to_dict(),
         backend_config=TFConfigSetup(tf_log_level="0" if cfg.verbose else "3"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # (MIN, MAX): elastic
                                      elastic_resize_monitor_interval_s=cfg.resize_interval_s,
@@ -210,13 +224,9 @@ def _fit(ray, cfg: Config, plan: Plan, epochs_done: int, points: dict, tracked, 
             name=plan.run_name, storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[Console(fs.join(plan.run_dir, failures.RECORD), cfg.max_failures, epochs_done, cfg.epochs),
-                       *([EpochMetrics(tracked.uri, tracked.run_id)] if tracked else []),
-                       *(quiet_start_retries() if cfg.elastic and not cfg.verbose else [])],
+            callbacks=callbacks,
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
-    points["training_launched"] = time.time()
-    return trainer.fit()
 
 
 def _previous_checkpoint(cfg: Config, run_dir: str):
@@ -242,7 +252,7 @@ def _previous_checkpoint(cfg: Config, run_dir: str):
         return None
     with latest.as_directory() as directory:
         meta = checkpoint.verify(directory)
-    changed = [k for k in RESUME_KEYS if meta["config"].get(k) != getattr(cfg, k)]
+    changed = [k for k in RESUME_KEYS if meta["config"].get(k, default_of(k)) != getattr(cfg, k)]
     if changed:
         raise checkpoint.CheckpointError(
             f"run {os.path.basename(path)} was trained with "

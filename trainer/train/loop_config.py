@@ -16,6 +16,7 @@ class LoopConfig:
     launch: str  # this launch of Ray Train (a restart within it keeps its first step's time)
     init: dict | None = None  # --init-from: {"weights", "slots"} as numpy arrays (trainer/train/warm.py)
     stream: dict | None = None  # the streaming path: {"path", "files"} of the Parquet split; else Ray Data's shard
+    validation: str | None = None  # a search's trial: the derived data set whose held-out rows score each epoch
     pin: bool = False  # each worker on cores of its own (--pin-cpus, decided where the driver knows the Ray)
 
     def to_dict(self) -> dict:

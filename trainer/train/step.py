@@ -131,3 +131,24 @@ def make_all_reduce_sum(tf, strategy):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(local,)), axis=None)
 
     return lambda values: reduce(tf.constant(np.asarray(values, dtype=np.float32))).numpy().astype(np.float64)
+
+
+def make_validation(tf, model, images: np.ndarray, labels: np.ndarray, rank: int, world: int, all_reduce_sum):
+    """A function scoring the model on the held-out rows (a search's validation split, never the
+    test split): each rank its own every world-th row, the sums all-reduced, so every rank gets the
+    whole split's {"val_loss", "val_accuracy"} and none waits on another's share."""
+    from trainer.model.network import preprocess
+
+    x, y = preprocess(images[rank::world], labels[rank::world])
+    forward = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+
+    def score() -> dict:
+        sums = np.zeros(3)
+        for start in range(0, len(x), 1000):
+            probs, truth = forward(x[start:start + 1000]).numpy(), y[start:start + 1000]
+            sums += ((probs.argmax(1) == truth.argmax(1)).sum(),
+                     -np.log(np.clip((probs * truth).sum(1), 1e-7, 1.0)).sum(), len(truth))
+        correct, loss, rows = all_reduce_sum(sums)
+        return {"val_loss": float(loss / rows), "val_accuracy": float(correct / rows)}
+
+    return score

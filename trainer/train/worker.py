@@ -22,11 +22,21 @@ import ray.train
 from trainer.common import quiet
 from trainer.common.timeline import peak_rss_mb, process_start_time
 from trainer.config import Config, rank_batch, steps_per_epoch
+from trainer.data import validation
+from trainer.data.shards import read_parquet_split
 from trainer.train import checkpoint, warm
 from trainer.train.failures import WorkerFailure
 from trainer.train.loop_config import LoopConfig
 from trainer.train.share import open_share
-from trainer.train.step import build, make_all_reduce_sum, make_train_steps, pin_to_cores, run_epoch, start_tensorflow
+from trainer.train.step import (
+    build,
+    make_all_reduce_sum,
+    make_train_steps,
+    make_validation,
+    pin_to_cores,
+    run_epoch,
+    start_tensorflow,
+)
 from trainer.train.tensorboard import EpochWriter  # imports TensorFlow only when a writer is made
 from trainer.train.watchdog import Watchdog
 
@@ -58,9 +68,11 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     shard = None if loop.stream else ray.train.get_dataset_shard("train")
     with ThreadPoolExecutor(1) as pool:  # the shard is read (or planned) while TensorFlow imports
         opening = pool.submit(open_share, cfg, loop.stream or shard, world, rank)
+        held_out = pool.submit(read_parquet_split, loop.validation, validation.SPLIT) if loop.validation else None
         tf, strategy, internals = start_tensorflow(cfg)
         marks["tensorflow_imported"] = time.time()
         index, epoch_data = opening.result()
+        held_out = held_out.result() if held_out else None
     marks["shard_in_memory"] = time.time()
     # Once the shard is read (its reader had both cores while TensorFlow imported): every thread
     # there is now, TensorFlow's and its collectives' among them, and every later one, on this
@@ -74,6 +86,7 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
     epochs_done, history = _restore(model)  # restores optimizer.iterations, which drives the LR warm-up
     train_steps = make_train_steps(tf, strategy, model, cfg.batch_size, cfg.allreduce_dtype)
     all_reduce_sum = make_all_reduce_sum(tf, strategy)
+    validate = make_validation(tf, model, *held_out, rank, world, all_reduce_sum) if held_out else None
     board = EpochWriter(cfg.tensorboard_dir) if cfg.tensorboard_dir and rank == 0 else None
     previous_world = history[-1].get("world_size", world) if history else world  # != world: a resize
     launched = [h["first_step_unix"] for h in history if h.get("launch") == loop.launch]
@@ -88,6 +101,8 @@ def _train(cfg: Config, loop: LoopConfig) -> None:
         for epoch in range(epochs_done, cfg.epochs):
             with epoch_data(batch, steps, seed=(cfg.seed, rank, epoch)) as chunks:
                 record = run_epoch(train_steps, all_reduce_sum, chunks, batch, steps, progress=watchdog.beat)
+            if validate:  # a search's trial: scored on its validation split every epoch
+                record.update(validate())
             record.update(epoch=epoch + 1, restarted=epoch == epochs_done and epoch > 0, world_size=world,
                           launch=loop.launch,
                           learning_rate=float(tf.convert_to_tensor(model.optimizer.learning_rate)),
