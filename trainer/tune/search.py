@@ -1,0 +1,160 @@
+"""The search on Ray Tune: each trial is the job's own Ray Train run (trainer.train.driver.make_trainer:
+the same workers, distributed step, checkpoints and failure handling), built and fitted inside a Tune
+function trainable, as Ray documents for Train V2; TuneReportCallback forwards rank 0's epoch
+records, which on a trial carry its validation accuracy (trainer/data/validation.py).
+
+    Tuner(run_trial, param_space=Space.param_space(),
+          TuneConfig(metric="val_accuracy", mode="max", scheduler=ASHA on "epoch", search_alg=random | Optuna))
+        -> trial: Config(base + its settings) -> make_trainer(..., validation=held-out rows) -> fit()
+
+A trial's Train run lives at <storage>/<name>-trials/<trial id>, so a trial Tune restarts (a
+restored search, resume_unfinished) continues from its own latest checkpoint; a worker killed inside
+a trial costs that trial a restart from its checkpoint (--max-failures), as in the job. A trial that
+fails for good is recorded as failed and the search goes on (Tune's FailureConfig(max_failures=0)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from ray import tune
+
+from trainer.common import fs
+from trainer.config import Config
+from trainer.data.manifest import Manifest
+from trainer.train import failures
+from trainer.train.plan import Plan
+from trainer.tune import results
+from trainer.tune.space import Space
+
+METRIC, TIME_ATTR = "val_accuracy", "epoch"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback names a report's checkpoint
+# A trial's own actor only waits on its Train run (whose controller takes no CPU): the CPUs are its
+# workers'. Tune refuses a trial of no resources, and a fraction of a CPU (0.01) left each trial's
+# 1-CPU worker short of a whole CPU beside the first (two trials on 2 cores waited for ever): a
+# nominal MiB of memory, which no worker asks for, is what it holds.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
+# Read by Tune as it runs: Ctrl-C (and SIGTERM, trainer/common/errors.py) reaches the search as
+# KeyboardInterrupt, not Tune's own graceful stop, which ends the running trials as if complete; and
+# the classic reporter, which verbose=0 silences (the new one still drew its table).
+TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+class TrialFailed(RuntimeError):
+    """A trial's Train run gave up (past --max-failures); the message is the job's one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """What every trial reads: the derived data set (trainer/data/validation.py) and where runs go."""
+    path: str
+    manifest: dict
+    storage: str  # the trials' Train runs: <storage>/<name>-trials
+    cleaner: bool  # Ray Train's placement group cleaner (needs the dashboard's state API)
+
+
+def run_trial(config: dict, base: dict, data: Data) -> None:
+    """One trial: the job's trainer with the searched settings, scored each epoch on the validation split."""
+    import ray
+    from ray.train import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainer.train.backend import Console, quiet_start_retries
+    from trainer.train.driver import make_trainer
+
+    cfg = Config.from_dict({**base, **config})
+    trial_id = tune.get_context().get_trial_id()
+    plan = Plan(data.storage, trial_id, data.path, None, Manifest.from_json(data.manifest), False, {})
+    record = fs.join(plan.run_dir, failures.RECORD)
+    console = Console(record, cfg.max_failures, 0, cfg.epochs, epoch_lines=False, prefix=f"trial {trial_id}: ")
+    trainer = make_trainer(ray, cfg, plan, cleaner=data.cleaner, callbacks=[
+        TuneReportCallback(), console, *(quiet_start_retries() if not cfg.verbose else [])],
+                           validation=data.path)
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrialFailed(failures.explain(exc, len(failures.read_records(record))).splitlines()[0]) from None
+
+
+class TrialLines(tune.Callback):
+    """The console on the driver: one line per trial as it ends (results.line)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trial, error_line(trial.get_error()) if hasattr(trial, "get_error") else "failed")
+
+    def _print(self, trial, error: str | None) -> None:
+        last = trial.last_result or {}
+        epochs = int(last.get(TIME_ATTR, 0))
+        # The line needs the last epoch's score and the count: earlier epochs stand in as that score.
+        record = results.Trial(trial.trial_id, searched(trial.config),
+                               results.status_of(error, epochs, self.budget, True),
+                               [last[METRIC]] * epochs if METRIC in last else [], error=error)
+        sys.stdout.write(results.line(record, self.budget) + "\n")
+        sys.stdout.flush()
+
+
+def error_line(error) -> str:
+    """A failed trial's one line: the TrialFailed message (or the exception's last line) from Tune's
+    error, which wraps it in the trial actor's traceback."""
+    text = str(error or "failed").strip()
+    last = [line for line in text.splitlines() if line.strip()][-1] if text else "failed"
+    return last.split(f"{TrialFailed.__name__}: ", 1)[-1]
+
+
+def searched(config: dict) -> dict:
+    return {k: config[k] for k in results.SEARCHED if k in config}
+
+
+def tuner(space: Space, base: Config, data: Data, options, storage: str, concurrency: int, restore: bool):
+    """Ray Tune's Tuner for the search, new or restored from <storage>/<options.name>."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict(), data=data),
+                                    TRIAL_RESOURCES)
+    if restore:
+        return tune.Tuner.restore(os.path.join(storage, options.name), trainable, resume_unfinished=True,
+                                  resume_errored=False, param_space=space.param_space())
+    if options.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        algorithm = OptunaSearch(seed=base.seed)
+    else:  # a SearchAlgorithm, which caps the trials in flight itself (TuneConfig's cap is for Searchers)
+        algorithm = BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrency)
+    scheduler = (ASHAScheduler(time_attr=TIME_ATTR, max_t=space.epochs, grace_period=options.grace_period,
+                               reduction_factor=options.reduction_factor)
+                 if options.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=space.param_space(),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=algorithm,
+                                    num_samples=options.trials,
+                                    max_concurrent_trials=None if options.search == "random" else concurrency),
+        run_config=tune.RunConfig(name=options.name, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[TrialLines(space.epochs)]))
+
+
+def collect(grid, budget: int) -> list[results.Trial]:
+    """Every trial of a finished search, from Tune's results (which a restored search keeps)."""
+    trials = []
+    for result in grid:
+        frame, history = result.metrics_dataframe, {}
+        if frame is not None and METRIC in frame:
+            for epoch, accuracy, loss in zip(frame[TIME_ATTR], frame[METRIC], frame["val_loss"]):
+                history[int(epoch)] = (float(accuracy), float(loss))  # a restart's repeat: the last counts
+        epochs = [history[e] for e in sorted(history)]
+        error = error_line(result.error) if result.error else None
+        metrics = result.metrics or {}
+        trials.append(results.Trial(
+            str(metrics.get("trial_id") or os.path.basename(result.path)), searched(result.config),
+            results.status_of(error, len(epochs), budget, True), [a for a, _ in epochs], [v for _, v in epochs],
+            checkpoint=metrics.get(CHECKPOINT_PATH_KEY), error=error))
+    return sorted(trials, key=lambda t: t.trial_id)
