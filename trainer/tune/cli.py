@@ -237,7 +237,7 @@ def _run_search(request: Request, storage: str, holdout: validation.Holdout):
         grid = tuning.tuner(space, base, data, options, storage, concurrency, restore).fit()
         if grid.num_terminated + grid.num_errors < len(grid):
             raise KeyboardInterrupt  # Tune stopped early (a signal it caught): the same as Ctrl-C here
-        return tuning.collect(grid, space.epochs), experiment
+        return tuning.collect(grid, space.epochs, data.storage), experiment
     finally:
         ray.shutdown()
 

@@ -64,7 +64,7 @@ def run_trial(config: dict, base: dict, data: Data) -> None:
     from trainer.train.backend import Console, quiet_start_retries
     from trainer.train.driver import make_trainer
 
-    cfg = Config.from_dict({**base, **config})
+    cfg = Config.from_dict({**base, **config, "data": data.path})  # what it trains on, as its checkpoints say
     trial_id = tune.get_context().get_trial_id()
     plan = Plan(data.storage, trial_id, data.path, None, Manifest.from_json(data.manifest), False, {})
     record = fs.join(plan.run_dir, failures.RECORD)
@@ -142,19 +142,42 @@ def tuner(space: Space, base: Config, data: Data, options, storage: str, concurr
                                   callbacks=[TrialLines(space.epochs)]))
 
 
-def collect(grid, budget: int) -> list[results.Trial]:
-    """Every trial of a finished search, from Tune's results (which a restored search keeps)."""
+def collect(grid, budget: int, trial_runs: str) -> list[results.Trial]:
+    """Every trial of a finished search: its settings and error from Tune's results, its epochs from
+    its own Train run's latest checkpoint (in `trial_runs`), whose history holds every epoch's record
+    however often the trial was restarted or restored; Tune's own table of a restored trial can miss
+    the epochs reported just before the interruption."""
     trials = []
     for result in grid:
-        frame, history = result.metrics_dataframe, {}
-        if frame is not None and METRIC in frame:
-            for epoch, accuracy, loss in zip(frame[TIME_ATTR], frame[METRIC], frame["val_loss"]):
-                history[int(epoch)] = (float(accuracy), float(loss))  # a restart's repeat: the last counts
-        epochs = [history[e] for e in sorted(history)]
-        error = error_line(result.error) if result.error else None
         metrics = result.metrics or {}
+        trial_id = str(metrics.get("trial_id") or result.config.get("trial_id") or os.path.basename(result.path))
+        history, checkpoint = _history(fs.join(trial_runs, trial_id))
+        if not history and result.metrics_dataframe is not None and METRIC in result.metrics_dataframe:
+            frame = result.metrics_dataframe  # no checkpoint to read: what Tune saw
+            history = [{TIME_ATTR: e, METRIC: a, "val_loss": v}
+                       for e, a, v in zip(frame[TIME_ATTR], frame[METRIC], frame["val_loss"])]
+        by_epoch = {int(h[TIME_ATTR]): h for h in history if METRIC in h}
+        epochs = [by_epoch[e] for e in sorted(by_epoch)]
+        error = error_line(result.error) if result.error else None
         trials.append(results.Trial(
-            str(metrics.get("trial_id") or os.path.basename(result.path)), searched(result.config),
-            results.status_of(error, len(epochs), budget, True), [a for a, _ in epochs], [v for _, v in epochs],
-            checkpoint=metrics.get(CHECKPOINT_PATH_KEY), error=error))
+            trial_id, searched(result.config), results.status_of(error, len(epochs), budget, True),
+            [float(h[METRIC]) for h in epochs], [float(h["val_loss"]) for h in epochs],
+            checkpoint=checkpoint or metrics.get(CHECKPOINT_PATH_KEY), error=error))
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _history(run_dir: str) -> tuple[list[dict], str | None]:
+    """(the epoch records, the checkpoint's path) of a trial's Train run's latest checkpoint; ([], None)
+    where it has none."""
+    from ray.train import Result
+
+    from trainer.train import checkpoint
+
+    try:
+        latest = Result.from_path(run_dir).checkpoint
+    except (RuntimeError, OSError, ValueError):
+        return [], None
+    if latest is None:
+        return [], None
+    with latest.as_directory() as directory:
+        return checkpoint.read_meta(directory)["history"], latest.path
