@@ -186,10 +186,11 @@ def _trial_lines(console: str) -> dict[str, tuple]:
 
 @pytest.mark.ray
 def test_a_search_stops_trials_early_and_its_winner_passes_the_gate_into_the_store(tmp_path):
-    """4 trials, ASHA, 1 worker each; the winner retrained and promoted through the cycle."""
+    """4 trials, ASHA, 1 worker each; the winner retrained and promoted through the cycle; tracked in
+    MLflow (the store's embedded one) as a parent run with a child run per trial."""
     out, runs, store = tmp_path / "out", tmp_path / "runs", tmp_path / "store"
     done = subprocess.run(_tune("--trials", "4", "--max-epochs", "2", "--output", str(out), "--storage-path",
-                                str(runs), "--store", str(store), "--min-accuracy", "0.5"),
+                                str(runs), "--store", str(store), "--min-accuracy", "0.5", "--track"),
                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     written = json.loads((out / "results.json").read_text())
@@ -220,13 +221,36 @@ def test_a_search_stops_trials_early_and_its_winner_passes_the_gate_into_the_sto
     derived = shards.load_parquet(held["path"])
     with np.load(SAMPLE) as sample:
         assert _rows(np.concatenate([derived.x_train, derived.x_test])) == _rows(sample["x_train"])
-    trial_runs = sorted((runs / "mnist-tune-trials").iterdir())
+    trial_runs = sorted(p for p in (runs / "mnist-tune-trials").iterdir() if p.is_dir())
     assert len(trial_runs) == 4
     for run in trial_runs:
         last = json.loads((run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
         meta = json.loads((run / last["checkpoint_dir_name"] / "meta.json").read_text())
         assert meta["config"]["data"] == held["path"], meta["config"]
         assert all(h["global_rows_seen"] == 2500 for h in meta["history"])
+    # MLflow: the search's run, a child per trial (its settings, every epoch's validation accuracy, its
+    # status), the winner's training run linked to it and registered as the champion.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    parent = client.get_run(written["tracking"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_accuracy"] == winner["val_accuracy"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {t["trial_id"]: t for t in written["trials"]}
+    trial_runs = {next(i for i in by_trial if i in run.info.run_name): run for run in children
+                  if any(i in run.info.run_name for i in by_trial)}
+    assert set(trial_runs) == set(by_trial)
+    for trial_id, run in trial_runs.items():
+        trial = by_trial[trial_id]
+        assert run.data.tags["status"] == trial["status"] and run.info.status == "FINISHED"
+        assert float(run.data.params["learning_rate"]) == pytest.approx(trial["config"]["learning_rate"])
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [
+            round(v, 6) for v in trial["val_accuracy"]]
+    trained = record["tracking"]["run_id"]
+    assert trained in {run.info.run_id for run in children}
+    assert client.get_model_version_by_alias("mnist", "champion").run_id == trained
 
 
 class _Console:

@@ -227,3 +227,32 @@ def ending_on_failure(opening: Future):
         if run is not None:
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def close_search(run: Run, metrics: dict[str, float], trial_status: dict[str, str], children: list[str]) -> None:
+    """A search's parent run: its `metrics` (best validation accuracy, the winner's test accuracy, ...),
+    each trial's child run (named for its trial id, Ray Tune's MLflowLoggerCallback's) tagged with its
+    status ("stopped by ASHA" is FINISHED to MLflow), the `children` (the winner's run) linked to it,
+    then FINISHED."""
+    if run.uri in given_up:
+        return
+    with tolerant(run.uri):
+        mlflow_client = client(run.uri, run.verbose)
+        mlflow_client.log_batch(run.run_id, metrics=_metric_list(metrics))
+        for child in mlflow_client.search_runs([run.experiment_id],
+                                               filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"):
+            found = [t for t in trial_status if t in (child.info.run_name or "")]
+            if found:
+                mlflow_client.set_tag(child.info.run_id, "status", trial_status[found[0]])
+        for run_id in children:
+            mlflow_client.set_tag(run_id, "mlflow.parentRunId", run.run_id)
+        mlflow_client.set_terminated(run.run_id, "FINISHED")
+
+
+def _metric_list(values: dict[str, float]):
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]

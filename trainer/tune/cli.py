@@ -32,9 +32,10 @@ from trainer.common.cli import add_options, fail, option, options_from, run_comm
 from trainer.common.errors import UsageError
 from trainer.config import Config
 from trainer.data import shards, shift, validation
-from trainer.promote import cycle
+from trainer.promote import cycle, registry
 from trainer.promote.policy import Policy
 from trainer.store.model_store import Store
+from trainer.track import connection, run as tracked_run
 from trainer.train import cluster, driver
 from trainer.train.plan import DATA_DIR
 from trainer.tune import results, space as spaces
@@ -157,32 +158,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def search(request: Request) -> int:
-    """The search, the winner's run, and the files; the exit status."""
+    """The search, the winner's run, and the files; the exit status. Three steps: prepare (the
+    places, MLflow, the validation split), the trials, the winner."""
     started = time.time()
     base, options, space = request.base, request.options, request.space
-    storage = base.storage_path or os.path.abspath(os.path.join(base.output, "ray_results"))
-    fs.Place.check("--output", base.output)
-    if fs.local(storage):
-        fs.Place.check("--storage-path", storage)
-    store = Store(base.store) if base.store else None
-    if store:
-        fs.Place.check("--store", store.root)
-    if base.force:
-        _move_aside(storage, options.name)
-    source = shards.resolve_source(base.data)
-    if source and "://" not in source:
-        source = os.path.abspath(source)
-    holdout, _ = validation.prepare(source, fs.join(storage, DATA_DIR), options.validation_rows, base.seed)
-    print(f"validation: {holdout.rows:,} of the training rows held out (seed {holdout.seed}); the trials train on "
-          f"the other {holdout.train_rows:,} and never see the test split ({holdout.path})", flush=True)
+    storage, store, uri, holdout, source = _prepare(request)
     with cluster.environment(base):
-        trials, experiment = _run_search(request, storage, holdout)
-    ranked = results.best(trials)
+        parent = tracked_run.open_run(dataclasses.replace(base, tracking_uri=uri),
+                                      fs.join(storage, f"{options.name}-trials"), options.name,
+                                      holdout.content_sha256, 0) if uri else None
+        try:
+            trials, experiment = _run_search(request, storage, holdout, parent)
+        except BaseException as exc:
+            if parent:  # KILLED on Ctrl-C or SIGTERM: the same command continues the search and the run
+                parent.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
     print(results.table(trials, space.epochs, options.top), flush=True)
     summary = {"experiment": experiment, "space": space.to_json(), "options": dataclasses.asdict(options),
                "validation": holdout.to_json(), "seconds": {"search": round(time.time() - started, 1)}}
+    ranked = results.best(trials)
     if not ranked:
         results.write(base.output, summary, trials)
+        if parent:
+            parent.end("FAILED")
         raise driver.TrainingError(f"no trial reported a validation score ({len(trials)} failed); the trials' "
                                    f"errors are in {os.path.join(base.output, 'results.json')}")
     winner = ranked[0]
@@ -192,24 +190,68 @@ def search(request: Request) -> int:
     cfg = dataclasses.replace(base, **winner.config, run_name=f"{options.name}-winner", data=source or base.data)
     print(f"winner: trial {winner.trial_id} ({spaces.describe(winner.config)}), val_accuracy {winner.score:.4f}; "
           f"retraining it on all {holdout.train_rows + holdout.rows:,} training rows", flush=True)
-    code = 0
-    if store:
-        code = cycle.retrain(store, cfg, request.policy, accept_data_change=options.accept_data_change,
-                             canary_python=options.canary_python, drift_alpha=options.drift_alpha)
-        record = store.records()[-1] if store.records() else None
-        summary["winner"]["store"] = {"version": record.version, "decision": record.decision,
-                                      "test_accuracy": record.test_accuracy, "exit_code": code} if record else None
-    else:
-        metrics = driver.run(cfg)
-        summary["winner"].update(test_accuracy=metrics.test_accuracy, output=os.path.abspath(base.output),
-                                 run=metrics.run)
+    code, tracking = _winner(request, cfg, store, uri, summary["winner"])
+    if parent:
+        test = summary["winner"].get("test_accuracy")
+        tracked_run.close_search(parent, {"best_val_accuracy": winner.score, "trials": len(trials),
+                                          "stopped": sum(t.status == results.STOPPED for t in trials),
+                                          "failed": sum(t.status == results.FAILED for t in trials),
+                                          **({"winner_test_accuracy": test} if test is not None else {})},
+                                 {t.trial_id: t.status for t in trials},
+                                 [tracking["run_id"]] if tracking and tracking.get("run_id") else [])
+        summary["tracking"] = parent.describe()
     summary["seconds"]["total"] = round(time.time() - started, 1)
     paths = results.write(base.output, summary, trials)
     print(f"search results: {paths['results.json']}, results.csv and tuning.png", flush=True)
     return code
 
 
-def _run_search(request: Request, storage: str, holdout: validation.Holdout):
+def _prepare(request: Request):
+    """Before Ray: the places it writes checked, MLflow there if asked for, the validation split
+    written; (storage path, store or None, tracking URI or None, Holdout, source)."""
+    base, options = request.base, request.options
+    storage = base.storage_path or os.path.abspath(os.path.join(base.output, "ray_results"))
+    fs.Place.check("--output", base.output)
+    if fs.local(storage):
+        fs.Place.check("--storage-path", storage)
+    store = Store(base.store) if base.store else None
+    if store:
+        fs.Place.check("--store", store.root)
+    uri = connection.tracking_uri(base, store.root if store else base.output)  # --track alone: the cycle's home
+    if uri:  # MLflow missing: one line, before any data work
+        connection.check_installed(uri)
+    if base.force:
+        _move_aside(storage, options.name)
+    source = shards.resolve_source(base.data)
+    if source and "://" not in source:
+        source = os.path.abspath(source)
+    holdout, _ = validation.prepare(source, fs.join(storage, DATA_DIR), options.validation_rows, base.seed)
+    print(f"validation: {holdout.rows:,} of the training rows held out (seed {holdout.seed}); the trials train on "
+          f"the other {holdout.train_rows:,} and never see the test split ({holdout.path})", flush=True)
+    return storage, store, uri, holdout, source
+
+
+def _winner(request: Request, cfg: Config, store: Store | None, uri: str | None, record: dict):
+    """The winner retrained: into --output as the job writes it, or with --store through the
+    retraining cycle (and the MLflow registry after it). Fills `record`; (exit code, its MLflow run)."""
+    options = request.options
+    if not store:
+        metrics = driver.run(cfg)
+        record.update(test_accuracy=metrics.test_accuracy, output=os.path.abspath(cfg.output), run=metrics.run)
+        return 0, metrics.tracking
+    code = cycle.retrain(store, cfg, request.policy, accept_data_change=options.accept_data_change,
+                         canary_python=options.canary_python, drift_alpha=options.drift_alpha)
+    version = store.records()[-1] if store.records() else None
+    if version:
+        record["store"] = {"version": version.version, "decision": version.decision,
+                           "test_accuracy": version.test_accuracy, "exit_code": code}
+        record["test_accuracy"] = version.test_accuracy
+    if uri:  # the MLflow registry follows the store, as after a retraining cycle
+        registry.sync_registry(store, cfg)
+    return code, version.tracking if version else None
+
+
+def _run_search(request: Request, storage: str, holdout: validation.Holdout, parent=None):
     """Start or join Ray, run (or continue) the search; (the trials, the experiment's path)."""
     import ray
     from ray import tune
@@ -234,7 +276,8 @@ def _run_search(request: Request, storage: str, holdout: validation.Holdout):
         print(("continuing the search in " if restore else "search: ") + f"{experiment}: {options.trials} trials of "
               f"up to {space.epochs} epochs, {what}, {concurrency} at a time, {options.workers_per_trial} "
               f"worker{'s' if options.workers_per_trial > 1 else ''} each", flush=True)
-        grid = tuning.tuner(space, base, data, options, storage, concurrency, restore).fit()
+        callbacks = tuning.trial_runs(parent.uri, base.experiment, parent.run_id) if parent else []
+        grid = tuning.tuner(space, base, data, options, storage, concurrency, restore, callbacks).fit()
         if grid.num_terminated + grid.num_errors < len(grid):
             raise KeyboardInterrupt  # Tune stopped early (a signal it caught): the same as Ctrl-C here
         return tuning.collect(grid, space.epochs, data.storage), experiment

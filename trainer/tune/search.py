@@ -21,16 +21,17 @@ import sys
 
 from ray import tune
 
-from trainer.common import fs
+from trainer.common import fs, timeline
 from trainer.config import Config
 from trainer.data.manifest import Manifest
-from trainer.train import failures
+from trainer.train import checkpoint, driver, failures
 from trainer.train.plan import Plan
 from trainer.tune import results
 from trainer.tune.space import Space
 
 METRIC, TIME_ATTR = "val_accuracy", "epoch"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback names a report's checkpoint
+TRIAL_RECORD = "trial.json"  # beside a trial's Train run: its id, settings and launch time
 # A trial's own actor only waits on its Train run (whose controller takes no CPU): the CPUs are its
 # workers'. Tune refuses a trial of no resources, and a fraction of a CPU (0.01) left each trial's
 # 1-CPU worker short of a whole CPU beside the first (two trials on 2 cores waited for ever): a
@@ -62,14 +63,17 @@ def run_trial(config: dict, base: dict, data: Data) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from trainer.train.backend import Console, quiet_start_retries
-    from trainer.train.driver import make_trainer
 
     cfg = Config.from_dict({**base, **config, "data": data.path})  # what it trains on, as its checkpoints say
     trial_id = tune.get_context().get_trial_id()
     plan = Plan(data.storage, trial_id, data.path, None, Manifest.from_json(data.manifest), False, {})
+    # When Tune launched the trial (its actor's start): the start-up a trial pays is from here to the
+    # first step, which its workers record (scripts/tune_compare.py, docs/performance.md).
+    fs.write_json(fs.join(plan.run_dir, TRIAL_RECORD), {"trial_id": trial_id, "launched": timeline.process_start_time(),
+                                                         "config": config})
     record = fs.join(plan.run_dir, failures.RECORD)
     console = Console(record, cfg.max_failures, 0, cfg.epochs, epoch_lines=False, prefix=f"trial {trial_id}: ")
-    trainer = make_trainer(ray, cfg, plan, cleaner=data.cleaner, callbacks=[
+    trainer = driver.make_trainer(ray, cfg, plan, cleaner=data.cleaner, callbacks=[
         TuneReportCallback(), console, *(quiet_start_retries() if not cfg.verbose else [])],
                            validation=data.path)
     try:
@@ -113,8 +117,20 @@ def searched(config: dict) -> dict:
     return {k: config[k] for k in results.SEARCHED if k in config}
 
 
-def tuner(space: Space, base: Config, data: Data, options, storage: str, concurrency: int, restore: bool):
-    """Ray Tune's Tuner for the search, new or restored from <storage>/<options.name>."""
+def trial_runs(uri: str, experiment: str, parent_run_id: str) -> list:
+    """Ray Tune's MLflowLoggerCallback: an MLflow run per trial, each a child of the search's run, with
+    the trial's settings as params, every epoch's record as metrics (val_accuracy and val_loss among
+    them) and FINISHED or FAILED at its end."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False,
+                                 tags={"mlflow.parentRunId": parent_run_id})]
+
+
+def tuner(space: Space, base: Config, data: Data, options, storage: str, concurrency: int, restore: bool,
+          callbacks: list = ()):
+    """Ray Tune's Tuner for the search, new or restored from <storage>/<options.name>; `callbacks`
+    (trial_runs) beside the console's lines."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
@@ -139,7 +155,7 @@ def tuner(space: Space, base: Config, data: Data, options, storage: str, concurr
                                     max_concurrent_trials=None if options.search == "random" else concurrency),
         run_config=tune.RunConfig(name=options.name, storage_path=storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[TrialLines(space.epochs)]))
+                                  callbacks=[TrialLines(space.epochs), *callbacks]))
 
 
 def collect(grid, budget: int, trial_runs: str) -> list[results.Trial]:
@@ -170,8 +186,6 @@ def _history(run_dir: str) -> tuple[list[dict], str | None]:
     """(the epoch records, the checkpoint's path) of a trial's Train run's latest checkpoint; ([], None)
     where it has none."""
     from ray.train import Result
-
-    from trainer.train import checkpoint
 
     try:
         latest = Result.from_path(run_dir).checkpoint
