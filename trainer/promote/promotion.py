@@ -1,7 +1,7 @@
 """What decides a version's fate after the data is prepared: the data checks against the current
 version's profile (trainer/data/checks.py) and its shift reference (trainer/data/shift.py), both
 models scored on the same test images, the paired gate (trainer/promote/gate.py) and the canary
-(trainer/promote/canary.py). trainer/promote/retrain.py runs the cycle around it.
+(trainer/promote/canary.py). trainer/promote/cycle.py runs the cycle around it.
 """
 
 from __future__ import annotations

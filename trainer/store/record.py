@@ -1,6 +1,6 @@
 """A version's record, `version.json`: what was trained, from what, and what the cycle decided.
 
-Built by the retraining cycle (trainer/promote/retrain.py), once a step is done with `advance`;
+Built by the retraining cycle (trainer/promote/cycle.py), once a step is done with `advance`;
 written once by the store when the version is registered, and never changed after. Records written
 before the schema field existed (schema 1) still load: their fields are the same.
 """
