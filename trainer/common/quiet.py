@@ -73,6 +73,22 @@ def quiet_ray_train_console() -> None:
             handler.setLevel(logging.CRITICAL)
 
 
+EARLY_TENSORFLOW = "MNIST_IMPORT_TENSORFLOW_AT_START"  # set in the train workers' runtime env only
+
+
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook for a quiet run, in every process the job's Ray starts:
+    route_unraisable; and in a train worker (EARLY_TENSORFLOW in its environment: Ray Train's worker
+    runtime env, trainer/train/driver.py), TensorFlow's import begins on a thread at once, while
+    the process is still setting up Ray Train and the strategy's cluster, instead of when the
+    training loop first needs it (import_tensorflow then waits for that import to finish)."""
+    route_unraisable()
+    if os.environ.get(EARLY_TENSORFLOW) == "1":
+        import threading
+
+        threading.Thread(target=import_tensorflow, name="import-tensorflow", daemon=True).start()
+
+
 def route_unraisable() -> None:
     """Ray's worker_process_setup_hook for a quiet run: what Python can only report ("Exception
     ignored in ... __del__"), such as Ray Data's SplitCoordinator stopped by Ray's SIGTERM inside
@@ -97,11 +113,13 @@ PG_CLEANED = "Cleaning up placement group"
 
 def route_node_notices() -> None:
     """On the driver, after ray.init: Ray's "(raylet) The node with node id ... has been marked
-    dead" notice (and the raylet's MANY_WORKERS notice) goes to log_file(), not the console (with colour codes, seven lines of possible
-    causes, on every lost node). The job's own line says what it did about the node: a restart, or
-    an elastic resize. Every other notice still prints. Ray prints the cluster's error messages
-    through ray._private.worker.print_to_stdstream, an internal: if an upgrade moves it, the notice
-    comes back and nothing breaks."""
+    dead" notice goes to log_file(), not the console (with colour codes, seven lines of possible
+    causes, on every lost node); so do the raylet's MANY_WORKERS notice and the PG_CLEANED line of
+    Ray Train's placement group cleaner, each time a search stops a trial. The job's own line says
+    what it did about the node: a restart, or an elastic resize. Every other notice still prints.
+    Ray prints the cluster's error messages through ray._private.worker.print_to_stdstream, and
+    every process's lines through its print_worker_logs, internals: if an upgrade moves them, the
+    notices come back and nothing breaks."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "print_to_stdstream", None)
@@ -110,12 +128,27 @@ def route_node_notices() -> None:
 
     def print_to_stdstream(data, ignore_prefix: bool):
         lines = data.get("lines", [])
-        if (data.get("pid") == "raylet" and any(NODE_LOST in line or MANY_WORKERS in line for line in lines)
-                or any(PG_CLEANED in line for line in lines)):
+        if data.get("pid") == "raylet" and any(NODE_LOST in line or MANY_WORKERS in line for line in lines):
             with open(log_file(), "a") as f:
-                f.write("".join(f"({data.get('pid')}) {line}\n" for line in lines))
+                f.write("".join(f"(raylet) {line}\n" for line in lines))
             return
         original(data, ignore_prefix)
 
     print_to_stdstream.routes_node_notices = True
     ray_worker.print_to_stdstream = print_to_stdstream
+    printing = getattr(ray_worker, "print_worker_logs", None)
+    if printing is None:
+        return
+
+    def print_worker_logs(data, print_file, *args, **kwargs):  # the workers' and actors' own lines
+        lines = data.get("lines", [])
+        routed = [line for line in lines if PG_CLEANED in line]
+        if routed:
+            with open(log_file(), "a") as f:
+                f.write("".join(f"(pid={data.get('pid')}) {line}\n" for line in routed))
+            data = {**data, "lines": [line for line in lines if PG_CLEANED not in line]}
+            if not data["lines"]:
+                return
+        printing(data, print_file, *args, **kwargs)
+
+    ray_worker.print_worker_logs = print_worker_logs
