@@ -73,22 +73,6 @@ def quiet_ray_train_console() -> None:
             handler.setLevel(logging.CRITICAL)
 
 
-EARLY_TENSORFLOW = "MNIST_IMPORT_TENSORFLOW_AT_START"  # set in the train workers' runtime env only
-
-
-def setup_worker() -> None:
-    """Ray's worker_process_setup_hook for a quiet run, in every process the job's Ray starts:
-    route_unraisable; and in a train worker (EARLY_TENSORFLOW in its environment: Ray Train's worker
-    runtime env, trainer/train/driver.py), TensorFlow's import begins on a thread at once, while
-    the process is still setting up Ray Train and the strategy's cluster, instead of when the
-    training loop first needs it (import_tensorflow then waits for that import to finish)."""
-    route_unraisable()
-    if os.environ.get(EARLY_TENSORFLOW) == "1":
-        import threading
-
-        threading.Thread(target=import_tensorflow, name="import-tensorflow", daemon=True).start()
-
-
 def route_unraisable() -> None:
     """Ray's worker_process_setup_hook for a quiet run: what Python can only report ("Exception
     ignored in ... __del__"), such as Ray Data's SplitCoordinator stopped by Ray's SIGTERM inside

@@ -128,7 +128,7 @@ def connect(ray, cfg: Config, dashboard: bool = False) -> bool:
     ray.init(address="local", num_cpus=cfg.local_cpus or os.cpu_count() or 1,
              num_gpus=None if cfg.use_gpu else 0, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=level,
-             runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.common.quiet.setup_worker"})
+             runtime_env=None if cfg.verbose else {"worker_process_setup_hook": "trainer.common.quiet.route_unraisable"})
     if not cfg.verbose:
         quiet.route_node_notices()
     return dashboard
