@@ -281,14 +281,18 @@ def test_what_each_setting_shapes_is_marked_once_and_read_by_resume_and_retraini
     from trainer.promote.policy import LEARNED_FROM, fingerprint
     from trainer.train.driver import RESUME_KEYS
 
-    assert set(RESUME_KEYS) == {"model", "batch_size", "learning_rate", "lr_scaling", "warmup_epochs",
-                                "seed", "augment"}
+    assert set(RESUME_KEYS) == {"model", "hidden_units", "dropout", "batch_size", "learning_rate", "lr_scaling",
+                                "warmup_epochs", "seed", "augment"}
     assert set(RESUME_KEYS) < set(LEARNED_FROM) and {"epochs", "num_workers"} <= set(LEARNED_FROM)
     base = Config().to_dict()
     for operational in {"tensorboard_dir": "/tmp/tb", "resource_wait_s": 60.0, "export_savedmodel": True,
                         "verbose": True, "output": "elsewhere", "steps_per_call": 50}.items():
         assert fingerprint(dict(base, **dict([operational])), "abc") == fingerprint(base, "abc"), operational
     assert fingerprint(dict(base, epochs=6), "abc") != fingerprint(base, "abc")
+    # A version recorded before hidden_units and dropout existed trained the tutorial's 512 units, no dropout.
+    older = {k: v for k, v in base.items() if k not in ("hidden_units", "dropout")}
+    assert fingerprint(older, "abc") == fingerprint(base, "abc")
+    assert fingerprint(older, "abc") != fingerprint(dict(base, hidden_units=256), "abc")
 
 
 def test_every_field_type_parses_from_the_command_line_and_is_validated():

@@ -21,7 +21,7 @@ import sys
 
 from ray import tune
 
-from trainer.common import fs, timeline
+from trainer.common import errors, fs, timeline
 from trainer.config import Config
 from trainer.data.manifest import Manifest
 from trainer.train import checkpoint, driver, failures
@@ -43,8 +43,9 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
-class TrialFailed(RuntimeError):
-    """A trial's Train run gave up (past --max-failures); the message is the job's one line."""
+class TrialFailed(errors.TrainingError):
+    """A trial's Train run gave up (past --max-failures); the message is the job's one line. Raised
+    in the trial's actor, it reaches the search as Tune's record of the trial's error."""
 
 
 @dataclasses.dataclass(frozen=True)
