@@ -162,8 +162,9 @@ def tuner(space: Space, base: Config, data: Data, options, storage: str, concurr
 def collect(grid, budget: int, trial_runs: str) -> list[results.Trial]:
     """Every trial of a finished search: its settings and error from Tune's results, its epochs from
     its own Train run's latest checkpoint (in `trial_runs`), whose history holds every epoch's record
-    however often the trial was restarted or restored; Tune's own table of a restored trial can miss
-    the epochs reported just before the interruption."""
+    however often the trial was restarted or restored (Tune's own table of a restored trial can miss
+    the epochs reported just before the interruption), up to the last epoch Tune saw: a trial ASHA
+    stopped may have run an epoch further before it was stopped, which the search never judged."""
     trials = []
     for result in grid:
         metrics = result.metrics or {}
@@ -173,13 +174,14 @@ def collect(grid, budget: int, trial_runs: str) -> list[results.Trial]:
             frame = result.metrics_dataframe  # no checkpoint to read: what Tune saw
             history = [{TIME_ATTR: e, METRIC: a, "val_loss": v}
                        for e, a, v in zip(frame[TIME_ATTR], frame[METRIC], frame["val_loss"])]
-        by_epoch = {int(h[TIME_ATTR]): h for h in history if METRIC in h}
+        seen = int(metrics.get(TIME_ATTR) or 0)
+        by_epoch = {int(h[TIME_ATTR]): h for h in history if METRIC in h and (not seen or h[TIME_ATTR] <= seen)}
         epochs = [by_epoch[e] for e in sorted(by_epoch)]
         error = error_line(result.error) if result.error else None
         trials.append(results.Trial(
             trial_id, searched(result.config), results.status_of(error, len(epochs), budget, True),
             [float(h[METRIC]) for h in epochs], [float(h["val_loss"]) for h in epochs],
-            checkpoint=checkpoint or metrics.get(CHECKPOINT_PATH_KEY), error=error))
+            checkpoint=metrics.get(CHECKPOINT_PATH_KEY) or checkpoint, error=error))
     return sorted(trials, key=lambda t: t.trial_id)
 
 
