@@ -150,7 +150,7 @@ def test_the_table_ranks_by_the_last_validation_accuracy_and_counts_the_rest():
     assert lines[2].split()[:4] == ["2", "a_00001", "0.8500", "1/3"] and "stopped by ASHA" in lines[2]
     assert lines[-1] == "3 trials: 1 finished, 1 stopped by ASHA, 1 failed"
     assert results.line(_trials()[2], 3).endswith("0/3 epochs  failed: rank 0's process died")
-    assert results.status_of(None, 2, 3, True) == results.STOPPED and results.status_of("x", 3, 3, True) == results.FAILED
+    assert results.status_of(None, 2, 3) == results.STOPPED and results.status_of("x", 3, 3) == results.FAILED
 
 
 def test_the_files_say_what_the_records_say(tmp_path):

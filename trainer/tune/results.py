@@ -16,7 +16,7 @@ from trainer.common.atomic import write_bytes_atomic, write_json_atomic
 from trainer.tune.space import describe
 
 SCHEMA = "mnist-tune/1"
-FINISHED, STOPPED, FAILED, UNFINISHED = "finished", "stopped by ASHA", "failed", "unfinished"
+FINISHED, STOPPED, FAILED = "finished", "stopped by ASHA", "failed"
 CSV_FIELDS = ("trial_id", "status", "epochs", "val_accuracy", "model", "learning_rate", "batch_size",
               "hidden_units", "dropout", "val_accuracy_by_epoch", "checkpoint", "error")
 SEARCHED = ("model", "learning_rate", "batch_size", "hidden_units", "dropout")
@@ -26,7 +26,7 @@ SEARCHED = ("model", "learning_rate", "batch_size", "hidden_units", "dropout")
 class Trial:
     trial_id: str
     config: dict  # the searched settings (SEARCHED)
-    status: str  # FINISHED, STOPPED, FAILED or UNFINISHED
+    status: str  # FINISHED, STOPPED or FAILED
     val_accuracy: list[float] = field(default_factory=list)  # per epoch, on the validation split
     val_loss: list[float] = field(default_factory=list)
     checkpoint: str | None = None  # its last checkpoint (Ray Train's), if it reported one
@@ -45,11 +45,10 @@ class Trial:
         return {**asdict(self), "epochs": self.epochs}
 
 
-def status_of(error: str | None, epochs: int, budget: int, done: bool) -> str:
+def status_of(error: str | None, epochs: int, budget: int) -> str:
+    """An ended trial's status (an unfinished search raises before any trial is recorded)."""
     if error:
         return FAILED
-    if not done:
-        return UNFINISHED
     return FINISHED if epochs >= budget else STOPPED
 
 
@@ -74,7 +73,7 @@ def table(trials: list[Trial], budget: int, top: int = 5) -> str:
                      describe(trial.config)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
-    counts = {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, FAILED, UNFINISHED)}
+    counts = {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, FAILED)}
     return text + "\n" + f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 

@@ -100,7 +100,7 @@ class TrialLines(tune.Callback):
         epochs = int(last.get(TIME_ATTR, 0))
         # The line needs the last epoch's score and the count: earlier epochs stand in as that score.
         record = results.Trial(trial.trial_id, searched(trial.config),
-                               results.status_of(error, epochs, self.budget, True),
+                               results.status_of(error, epochs, self.budget),
                                [last[METRIC]] * epochs if METRIC in last else [], error=error)
         sys.stdout.write(results.line(record, self.budget) + "\n")
         sys.stdout.flush()
@@ -179,7 +179,7 @@ def collect(grid, budget: int, trial_runs: str) -> list[results.Trial]:
         epochs = [by_epoch[e] for e in sorted(by_epoch)]
         error = error_line(result.error) if result.error else None
         trials.append(results.Trial(
-            trial_id, searched(result.config), results.status_of(error, len(epochs), budget, True),
+            trial_id, searched(result.config), results.status_of(error, len(epochs), budget),
             [float(h[METRIC]) for h in epochs], [float(h["val_loss"]) for h in epochs],
             checkpoint=metrics.get(CHECKPOINT_PATH_KEY) or checkpoint, error=error))
     return sorted(trials, key=lambda t: t.trial_id)
