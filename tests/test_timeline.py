@@ -95,3 +95,18 @@ def test_a_process_reports_its_own_peak_not_that_of_whoever_started_it():
     child = subprocess.run([sys.executable, "-c", "from trainer.common.timeline import peak_rss_mb; "
                             "print(peak_rss_mb())"], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 150 < held.nbytes / 2**20
+
+
+def test_an_import_started_on_a_thread_writes_its_notices_to_the_log_and_is_waited_for(tmp_path):
+    """import_tensorflow_soon (the driver's, as its Ray goes down), then import_tensorflow (its
+    evaluation): TensorFlow's import-time C++ notices went to the process's log file, none to the
+    console, and the second call returned the module with its loggers quiet."""
+    code = ("import logging, time; from trainer.common import quiet; quiet.import_tensorflow_soon(); time.sleep(0.5); "
+            "tf = quiet.import_tensorflow(); "
+            "print(tf.get_logger().level == logging.ERROR, logging.getLogger('absl').level == logging.ERROR)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"] and done.stderr == "", done.stderr
+    logs = list(tmp_path.glob("mnist-*.log"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0  # TensorFlow's notices, there

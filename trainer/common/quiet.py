@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import tempfile
+import threading
 import traceback
 
 
@@ -49,18 +50,37 @@ def log_file() -> str:
     return os.path.join(log_dir(), f"mnist-{os.getpid()}.log")
 
 
+_IMPORTING = threading.Lock()  # one import at a time: a caller waits for import_tensorflow_soon's
+
+
 def import_tensorflow(verbose: bool = False):
     """`import tensorflow`, with its import-time C++ notices sent to log_file(), and those
-    of its first look at the devices ("failed call to cuInit" on a machine without a GPU)."""
-    if verbose or "tensorflow" in sys.modules:
-        import tensorflow as tf
+    of its first look at the devices ("failed call to cuInit" on a machine without a GPU). A call
+    while import_tensorflow_soon's thread imports waits for it, loggers set."""
+    with _IMPORTING:
+        if verbose or "tensorflow" in sys.modules:
+            import tensorflow as tf
+            return tf
+        with stderr_to(log_file()):
+            import tensorflow as tf
+            tf.config.list_physical_devices()  # lists only: devices can still be hidden afterwards
+        tf.get_logger().setLevel("ERROR")
+        logging.getLogger("absl").setLevel(logging.ERROR)  # Keras' "HDF5 is legacy" notice, among others
         return tf
-    with stderr_to(log_file()):
-        import tensorflow as tf
-        tf.config.list_physical_devices()  # lists only: devices can still be hidden afterwards
-    tf.get_logger().setLevel("ERROR")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Keras' "HDF5 is legacy" notice, among others
-    return tf
+
+
+def import_tensorflow_soon(verbose: bool = False) -> None:
+    """import_tensorflow on a thread, while this process waits on something else (the driver, on its
+    local Ray going down); the next import_tensorflow call waits for it. While it runs, this process's
+    file descriptor 2 is the log file's (stderr_to)."""
+    threading.Thread(target=import_tensorflow, args=(verbose,), name="import-tensorflow", daemon=True).start()
+
+
+def log_to_file(name: str) -> None:
+    """The Python logger `name` (a library's) writes to log_file(), not to the console."""
+    logger = logging.getLogger(name)
+    logger.addHandler(logging.FileHandler(log_file()))
+    logger.propagate = False
 
 
 def quiet_ray_train_console() -> None:

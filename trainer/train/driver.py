@@ -119,7 +119,8 @@ def prepare(cfg: Config) -> Plan:
 def evaluate(cfg: Config, plan: Plan, final) -> tuple:
     """Step 3: the final checkpoint's model on the 10,000 test images: (model, metrics, softmax
     outputs, each worker's record)."""
-    quiet.import_tensorflow(cfg.verbose)  # once training is over: the workers need the cores before
+    quiet.import_tensorflow(cfg.verbose)  # once training is over (the workers need the cores before): the
+    # import that train() started as Ray went down, or a whole one
     from trainer.model.network import evaluate as score
 
     with final.as_directory() as directory:
@@ -167,6 +168,8 @@ def train(cfg: Config, plan: Plan, epochs_done: int, opening=None):
             tracked.set_tags(provenance.job_tags())
         result = _fit(ray, cfg, plan, epochs_done, points, tracked, state_api)
         points["training_done"] = time.time()
+        # The evaluation's TensorFlow imports while the local Ray goes down (docs/performance.md, levers).
+        quiet.import_tensorflow_soon(cfg.verbose)
         return result.checkpoint, points
     except TrainingFailedError as exc:
         used = len(failures.read_records(fs.join(plan.run_dir, failures.RECORD)))
