@@ -1,6 +1,6 @@
 """mnist-tune: the space and its refusals, the validation split, the results (unit); a real search on
-the sample through the store's gate, and a search that loses a worker and is interrupted and resumed
-(Ray, marked so)."""
+the sample through the store's gate, and an Optuna search that loses workers (a trial restarted, a
+trial failed for good) and is interrupted and resumed (Ray, marked so)."""
 
 from __future__ import annotations
 
@@ -277,31 +277,44 @@ class _Console:
 
 
 @pytest.mark.ray
-def test_a_killed_worker_costs_its_trial_a_restart_and_an_interrupted_search_continues(tmp_path):
-    """One trial at a time: the first loses its worker (SIGKILL) and finishes after one restart; the
-    search is stopped (SIGTERM, as `ray job stop` sends) inside the second; the same command
-    continues it, running the first trial no more and the second from its checkpoint."""
+def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_stopped_search_continues(tmp_path):
+    """Optuna's search, one trial at a time, one retry each (--max-failures 1): the first trial loses
+    its worker (SIGKILL) and finishes after one restart; the second loses it twice and fails for
+    good, and the search goes on; the search is stopped (SIGTERM, as `ray job stop` sends) inside
+    the third; the same command continues it, running neither of the first two again and the third
+    from its checkpoint."""
     runs = tmp_path / "runs"
-    command = _tune("--trials", "2", "--scheduler", "fifo", "--max-epochs", "3", "--max-concurrent-trials", "1",
-                    "--output", str(tmp_path / "out"), "--storage-path", str(runs))
+    command = _tune("--trials", "3", "--search", "optuna", "--scheduler", "fifo", "--max-epochs", "3",
+                    "--max-concurrent-trials", "1", "--max-failures", "1", "--output", str(tmp_path / "out"),
+                    "--storage-path", str(runs))
     proc = subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     console = _Console(proc)
-    try:
-        trials = runs / "mnist-tune-trials"
-        while not (trials.exists() and any(trials.iterdir())):
+    trials = runs / "mnist-tune-trials"
+
+    def next_trial(seen: list) -> Path:
+        while not (trials.exists() and [p for p in trials.iterdir() if p.is_dir() and p not in seen]):
             assert proc.poll() is None, "".join(console.lines)[-3000:]
             time.sleep(0.2)
-        first = next(trials.iterdir())
-        os.kill(worker_pid(wait_for_epoch(first, 1, proc), rank=0), signal.SIGKILL)
+        return next(p for p in trials.iterdir() if p.is_dir() and p not in seen)
+
+    def kill_at(trial: Path, epoch: int) -> None:
+        os.kill(worker_pid(wait_for_epoch(trial, epoch, proc), rank=0), signal.SIGKILL)
+
+    try:
+        first = next_trial([])
+        kill_at(first, 1)
         restarted = console.wait_for(rf"^trial {first.name}: restarted after a worker failure")
         assert "rank 0's process died" in restarted and "continuing from epoch 2" in restarted
         console.wait_for(rf"^trial {first.name}  .*3/3 epochs  finished")
-        while len(list(trials.iterdir())) < 2:
-            assert proc.poll() is None, "".join(console.lines)[-3000:]
-            time.sleep(0.2)
-        second = next(p for p in trials.iterdir() if p != first)
-        wait_for_epoch(second, 1, proc)
+        second = next_trial([first])
+        kill_at(second, 1)
+        console.wait_for(rf"^trial {second.name}: restarted after a worker failure")
+        kill_at(second, 2)
+        failed = console.wait_for(rf"^trial {second.name}  .*  failed")
+        assert "2/3 epochs  failed: " in failed and "rank 0's process died" in failed, failed
+        third = next_trial([first, second])
+        wait_for_epoch(third, 1, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130
     finally:
@@ -309,15 +322,20 @@ def test_a_killed_worker_costs_its_trial_a_restart_and_an_interrupted_search_con
             proc.kill()
             proc.wait()
     console.thread.join(timeout=10)
-    assert "".join(console.lines).rstrip().endswith("rerun the same command to continue the search (--name mnist-tune)")
+    shown = "".join(console.lines)
+    assert shown.rstrip().endswith("rerun the same command to continue the search (--name mnist-tune)")
+    assert "[I " not in shown and "A new study created" not in shown, shown  # Optuna's chatter: in the log file
     again = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "continuing the search in" in again.stdout
-    shown = _trial_lines(again.stdout)
-    assert list(shown) == [second.name] and shown[second.name][1:] == (3, "finished"), again.stdout  # not the first again
+    resumed = _trial_lines(again.stdout)
+    assert list(resumed) == [third.name] and resumed[third.name][1:] == (3, "finished"), again.stdout
     written = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [(t["trial_id"], t["status"], t["epochs"]) for t in written["trials"]] == [
-        (first.name, "finished", 3), (second.name, "finished", 3)]
-    last = json.loads((second / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    history = json.loads((second / last["checkpoint_dir_name"] / "meta.json").read_text())["history"]
+    by_id = {t["trial_id"]: t for t in written["trials"]}
+    assert [(by_id[t.name]["status"], by_id[t.name]["epochs"]) for t in (first, second, third)] == [
+        ("finished", 3), ("failed", 2), ("finished", 3)]
+    assert "rank 0's process died" in by_id[second.name]["error"]
+    assert written["winner"]["trial_id"] in (first.name, third.name)
+    last = json.loads((third / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    history = json.loads((third / last["checkpoint_dir_name"] / "meta.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3] and any(h["restarted"] for h in history)  # from its checkpoint

@@ -21,7 +21,7 @@ import sys
 
 from ray import tune
 
-from trainer.common import errors, fs, timeline
+from trainer.common import errors, fs, quiet, timeline
 from trainer.config import Config
 from trainer.data.manifest import Manifest
 from trainer.train import checkpoint, driver, failures
@@ -93,7 +93,7 @@ class TrialLines(tune.Callback):
         self._print(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(trial, error_line(trial.get_error()) if hasattr(trial, "get_error") else "failed")
+        self._print(trial, error_line(_error_text(trial)))
 
     def _print(self, trial, error: str | None) -> None:
         last = trial.last_result or {}
@@ -104,6 +104,16 @@ class TrialLines(tune.Callback):
                                [last[METRIC]] * epochs if METRIC in last else [], error=error)
         sys.stdout.write(results.line(record, self.budget) + "\n")
         sys.stdout.flush()
+
+
+def _error_text(trial) -> str | None:
+    """A trial's error as Tune wrote it when the trial failed: the trial's local error file (Tune's
+    Trial.get_error reads the storage path's copy, which is synced after on_trial_error)."""
+    path = trial.error_file
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return trial.get_error()
 
 
 def error_line(error) -> str:
@@ -137,6 +147,11 @@ def tuner(space: Space, base: Config, data: Data, options, storage: str, concurr
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict(), data=data),
                                     TRIAL_RESOURCES)
+    if options.search == "optuna" and not base.verbose:  # its "[I ...] A new study created in memory" line
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        quiet.log_to_file("optuna")
     if restore:
         return tune.Tuner.restore(os.path.join(storage, options.name), trainable, resume_unfinished=True,
                                   resume_errored=False, param_space=space.param_space())
