@@ -208,6 +208,7 @@ def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str]
                    samples_per_second=train_rows / _steady(epoch_seconds),
                    start_to_first_step_s=process_started + summary["start_to_first_step"] - started,
                    peak_rss_mb=max_rss_kb / 1024, test_accuracy=summary["test_accuracy"])
+        run["cpu_s_to_first_step"] = _cpu_until(sampler, started, started + run["start_to_first_step_s"])
     else:
         figures, history = _job_figures(os.path.join(out_dir, "metrics.json"), started)
         run.update(figures)
@@ -216,7 +217,14 @@ def _run_one(key: str, data: str, epochs: int, train_rows: int, extra: list[str]
                                   sampler.cpu_between(*training).items() if seconds > 0.005}
         run["non_worker_cpu_s_per_epoch"] = sum(seconds for name, seconds in run["cpu_s_per_epoch"].items()
                                                 if not name.startswith("ray::RayTrainWorker"))
+        run["cpu_s_to_first_step"] = _cpu_until(sampler, started, history[0]["first_step_unix"])
     return run
+
+
+def _cpu_until(sampler: CpuSampler, started: float, first_step: float) -> dict[str, float]:
+    """CPU seconds each process used from the run's start to its first step (where start-up goes)."""
+    return {name: round(seconds, 2) for name, seconds in sampler.cpu_between(started, first_step).items()
+            if seconds > 0.05}
 
 
 def _job_args(key: str, data: str, epochs: int, out_dir: str, storage: str, extra: list[str]) -> list[str]:
@@ -393,6 +401,11 @@ def format_table(results: dict) -> str:
     for run in results["runs"]:
         if "timeline" in run:
             lines.append(f"timeline {run['key']}: {format_timeline(run['timeline'])}")
+        if run.get("cpu_s_to_first_step"):
+            used = run["cpu_s_to_first_step"]
+            lines.append(f"CPU s to the first step {run['key']}: {sum(used.values()):.1f} of "
+                         f"{results['machine']['cpus'] * run['start_to_first_step_s']:.1f} (CPUs x seconds): "
+                         + ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items()))
         if "cpu_s_per_epoch" in run:
             lines.append(f"CPU s/epoch {run['key']}: " + ", ".join(
                 f"{name} {seconds:.2f}" for name, seconds in run["cpu_s_per_epoch"].items())
