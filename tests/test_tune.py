@@ -22,7 +22,7 @@ from tests.conftest import ROOT, SAMPLE, job_env, wait_for_epoch, worker_pid
 from trainer.data import shards, validation
 from trainer.data.mnist import Mnist
 from trainer.tune import results, space as spaces
-from trainer.tune.cli import main
+from trainer.tune.cli import _move_aside, main
 
 TUNE = ROOT / "jobs" / "tune.py"
 LINE = re.compile(r"^trial (\S+)  .*  val_accuracy (\S+)  (\d+)/(\d+) epochs  (finished|stopped by ASHA|failed)")
@@ -167,6 +167,20 @@ def test_the_files_say_what_the_records_say(tmp_path):
         ("a_00000", "finished", "3"), ("a_00001", "stopped by ASHA", "1"), ("a_00002", "failed", "0")]
     assert rows[0]["val_accuracy_by_epoch"] == "0.900000;0.950000;0.970000" and rows[2]["error"]
     assert Path(paths["tuning.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_force_moves_a_search_and_its_trials_aside_and_deletes_nothing(tmp_path, capsys):
+    for folder in ("mnist-tune", "mnist-tune-trials"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "kept.json").write_text("{}")
+    _move_aside(str(tmp_path), "mnist-tune")
+    moved = sorted(p.name for p in tmp_path.iterdir())
+    assert [re.sub(r"\d{8}-\d{6}", "T", name) for name in moved] == [
+        "mnist-tune-trials.replaced-T", "mnist-tune.replaced-T"]
+    assert all((tmp_path / name / "kept.json").exists() for name in moved)
+    assert capsys.readouterr().out.count("--force: moved ") == 2
+    _move_aside(str(tmp_path), "mnist-tune")  # nothing there now: nothing moved, nothing said
+    assert sorted(p.name for p in tmp_path.iterdir()) == moved and capsys.readouterr().out == ""
 
 
 # ---------------------------------------------------------------- real searches on the sample

@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -97,6 +98,17 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def move_aside(path: str) -> str | None:
+    """--force's way with an earlier run or search: `path` (local or URI) renamed to
+    <path>.replaced-<time>, never deleted; that new path, or None where nothing was there."""
+    fs, target = filesystem(path)
+    if fs.get_file_info(target).type == pafs.FileType.NotFound:
+        return None
+    suffix = f".replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(target, target + suffix)
+    return path + suffix
 
 
 def read_json(path: str, default=None):

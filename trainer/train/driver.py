@@ -241,9 +241,7 @@ def _previous_checkpoint(cfg: Config, run_dir: str):
     if filesystem.get_file_info(path).type.name == "NotFound":
         return None
     if cfg.force:
-        aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        filesystem.move(path, aside)
-        print(f"--force: moved the previous run to {aside}", flush=True)
+        print(f"--force: moved the previous run to {fs.move_aside(run_dir)}", flush=True)
         return None
     from ray.train import Result
 

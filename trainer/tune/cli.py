@@ -293,10 +293,10 @@ def _concurrency(total: dict, cfg: Config, options: Options) -> int:
 
 
 def _move_aside(storage: str, name: str) -> None:
-    """--force: the search's experiment and its trials' runs moved aside (never deleted)."""
+    """--force: the search's experiment and its trials' runs moved aside (never deleted), on local
+    disk or a remote storage path."""
     for folder in (name, f"{name}-trials"):
-        path = os.path.join(storage, folder)
-        if os.path.exists(path):
-            aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(path, aside)
+        path = fs.join(storage, folder)
+        aside = fs.move_aside(path)
+        if aside:
             print(f"--force: moved {path} to {aside}", flush=True)
