@@ -118,19 +118,24 @@ def test_the_validation_split_is_seeded_disjoint_and_never_the_test_split():
         validation.held_out(1200, 1200, 0)
 
 
-def test_the_derived_set_is_written_once_and_recorded(tmp_path):
+def test_the_derived_set_is_written_once_and_recorded(tmp_path, monkeypatch):
     source = tmp_path / "data.npz"
     data = _data()
     np.savez(source, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
-    holdout, _ = validation.prepare(str(source), str(tmp_path / "cache"), rows=100, seed=3)
+    holdout = validation.prepare(str(source), str(tmp_path / "cache"), rows=100, seed=3)
     manifest = shards.read_manifest(holdout.path)
     assert (manifest.rows("train"), manifest.rows("test")) == (1100, 100) == (holdout.train_rows, holdout.rows)
     index = validation.held_out(1200, 100, 3)
     assert holdout.index_sha256 == hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
     x_val, y_val = shards.read_parquet_split(holdout.path, validation.SPLIT)
     assert np.array_equal(x_val, data.x_train[index]) and np.array_equal(y_val, data.y_train[index])
-    again, _ = validation.prepare(str(source), str(tmp_path / "cache"), rows=100, seed=3)
+    again = validation.prepare(str(source), str(tmp_path / "cache"), rows=100, seed=3)
     assert again == holdout  # the same folder, not written twice
+    # The source as Parquet shards (the job's own, written beside it): once the derived set exists,
+    # the source's rows are not read at all; its manifest names its content.
+    parquet = next((tmp_path / "cache").glob("mnist-*"))
+    monkeypatch.setattr(shards, "load_parquet", lambda *a, **k: pytest.fail("the source was read again"))
+    assert validation.prepare(str(parquet), str(tmp_path / "cache"), rows=100, seed=3) == holdout
 
 
 # ---------------------------------------------------------------- unit: the results

@@ -61,19 +61,20 @@ def split(data: Mnist, rows: int = ROWS, seed: int = SEED) -> tuple[Mnist, np.nd
     return Mnist(data.x_train[keep], data.y_train[keep], data.x_train[index], data.y_train[index]), index
 
 
-def prepare(source: str | None, cache_root: str, rows: int = ROWS, seed: int = SEED) -> tuple[Holdout, Mnist]:
-    """Write (once) and return the derived data set for `source`, and the source's arrays (its test
-    split is the one the winner is scored on, at the end)."""
-    _, data, manifest = shards.prepare(source, cache_root)
-    derived, index = split(data, rows, seed)
+def prepare(source: str | None, cache_root: str, rows: int = ROWS, seed: int = SEED) -> Holdout:
+    """Write (once) the derived data set for `source`, and say what it holds. Once it is written, a
+    Parquet source is not read again (its manifest names its content); any other source is read
+    only to hash it, as the job does (shards.prepare)."""
+    parquet_dir, data, manifest = shards.prepare(source, cache_root, whole=False)
+    index = held_out(manifest.rows("train"), rows, seed)
     target = join(cache_root, f"tune-{manifest.content_sha256[:16]}-val{rows}-seed{seed}")
     if not shards.is_parquet_dir(target):
+        derived, _ = split(data if data is not None else shards.load_parquet(parquet_dir), rows, seed)
         try:
             shards.write_parquet(derived, target)
         except DataError:
             if not shards.is_parquet_dir(target):  # not a concurrent search that wrote it first
                 raise
     written: Manifest = shards.read_manifest(target)
-    holdout = Holdout(rows, seed, manifest.content_sha256, hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest(),
-                      target, written.content_sha256, written.rows("train"))
-    return holdout, data
+    return Holdout(rows, seed, manifest.content_sha256, hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest(),
+                   target, written.content_sha256, written.rows("train"))

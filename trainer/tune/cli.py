@@ -225,7 +225,7 @@ def _prepare(request: Request):
     source = shards.resolve_source(base.data)
     if source and "://" not in source:
         source = os.path.abspath(source)
-    holdout, _ = validation.prepare(source, fs.join(storage, DATA_DIR), options.validation_rows, base.seed)
+    holdout = validation.prepare(source, fs.join(storage, DATA_DIR), options.validation_rows, base.seed)
     print(f"validation: {holdout.rows:,} of the training rows held out (seed {holdout.seed}); the trials train on "
           f"the other {holdout.train_rows:,} and never see the test split ({holdout.path})", flush=True)
     return storage, store, uri, holdout, source
