@@ -52,11 +52,12 @@ def status_of(error: str | None, epochs: int, budget: int) -> str:
     return FINISHED if epochs >= budget else STOPPED
 
 
-def line(trial: Trial, budget: int) -> str:
-    """The trial's console line, printed when it ends."""
-    accuracy = f"val_accuracy {trial.score:.4f}" if trial.val_accuracy else "val_accuracy -"
-    text = f"trial {trial.trial_id}  {describe(trial.config)}  {accuracy}  {trial.epochs}/{budget} epochs  {trial.status}"
-    return text + (f": {trial.error}" if trial.error else "")
+def line(trial_id: str, config: dict, score: float | None, epochs: int, status: str, budget: int,
+         error: str | None = None) -> str:
+    """A trial's console line, printed as it ends (from what Tune knows of it then)."""
+    accuracy = f"val_accuracy {score:.4f}" if score is not None else "val_accuracy -"
+    text = f"trial {trial_id}  {describe(config)}  {accuracy}  {epochs}/{budget} epochs  {status}"
+    return text + (f": {error}" if error else "")
 
 
 def best(trials: list[Trial]) -> list[Trial]:

@@ -84,7 +84,7 @@ def run_trial(config: dict, base: dict, data: Data) -> None:
 
 
 class TrialLines(tune.Callback):
-    """The console on the driver: one line per trial as it ends (results.line)."""
+    """The console on the driver: one line per trial as it ends (results.line), from what Tune knows of it then."""
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -98,11 +98,8 @@ class TrialLines(tune.Callback):
     def _print(self, trial, error: str | None) -> None:
         last = trial.last_result or {}
         epochs = int(last.get(TIME_ATTR, 0))
-        # The line needs the last epoch's score and the count: earlier epochs stand in as that score.
-        record = results.Trial(trial.trial_id, searched(trial.config),
-                               results.status_of(error, epochs, self.budget),
-                               [last[METRIC]] * epochs if METRIC in last else [], error=error)
-        sys.stdout.write(results.line(record, self.budget) + "\n")
+        sys.stdout.write(results.line(trial.trial_id, searched(trial.config), last.get(METRIC), epochs,
+                                      results.status_of(error, epochs, self.budget), self.budget, error) + "\n")
         sys.stdout.flush()
 
 
