@@ -154,7 +154,9 @@ def test_the_table_ranks_by_the_last_validation_accuracy_and_counts_the_rest():
     assert lines[1].split()[:5] == ["1", "a_00000", "0.9700", "3/3", "finished"]
     assert lines[2].split()[:4] == ["2", "a_00001", "0.8500", "1/3"] and "stopped by ASHA" in lines[2]
     assert lines[-1] == "3 trials: 1 finished, 1 stopped by ASHA, 1 failed"
-    assert results.line(_trials()[2], 3).endswith("0/3 epochs  failed: rank 0's process died")
+    failed = results.line("a_00002", {"model": "cnn", "learning_rate": 0.001, "batch_size": 128}, None, 0,
+                          results.FAILED, 3, "rank 0's process died")
+    assert failed == "trial a_00002  cnn lr 1.0e-03 batch 128  val_accuracy -  0/3 epochs  failed: rank 0's process died"
     assert results.status_of(None, 2, 3) == results.STOPPED and results.status_of("x", 3, 3) == results.FAILED
 
 
@@ -227,6 +229,9 @@ def test_a_search_stops_trials_early_and_its_winner_passes_the_gate_into_the_sto
     current = json.loads((store / "current.json").read_text())["version"]
     record = json.loads((store / "versions" / current / "version.json").read_text())
     assert {k: record["config"][k] for k in winner["config"]} == winner["config"]
+    # Its timeline counts from its own start, not the search's: its first step came before the search's length.
+    timeline = json.loads((store / "versions" / current / "metrics.json").read_text())["timeline"]
+    assert 0 < timeline["first_step"] < written["seconds"]["search"], (timeline, written["seconds"])
     import keras
 
     model = keras.models.load_model(store / "versions" / current / "mnist.keras")

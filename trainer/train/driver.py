@@ -36,14 +36,16 @@ class TrainingError(errors.TrainingError):
     the cause; then the failing worker's last frame and exception, and the path of its full log."""
 
 
-def run(cfg: Config) -> RunMetrics:
+def run(cfg: Config, started: float | None = None) -> RunMetrics:
     """Train with Ray Train, evaluate on the test split, write outputs; return what metrics.json holds.
 
     Four steps: prepare (checks, data), train (or resume, or find the run finished), evaluate,
     publish. Ray's settings (cluster.ray_settings) are in the environment for the run only: set
-    before anything imports Ray (a resumed run's checkpoint lookup does), restored when it ends."""
+    before anything imports Ray (a resumed run's checkpoint lookup does), restored when it ends.
+    The timeline counts from `started` (a caller that runs the job after work of its own: a search's
+    winner), else from this process's start."""
     with cluster.environment(cfg):
-        marks = {"process_start": timeline.process_start_time()}
+        marks = {"process_start": started or timeline.process_start_time()}
         plan = prepare(cfg)
         latest = _previous_checkpoint(cfg, plan.run_dir)
         epochs_done = latest[1]["epochs_done"] if latest else 0

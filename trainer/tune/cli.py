@@ -234,13 +234,13 @@ def _prepare(request: Request):
 def _winner(request: Request, cfg: Config, store: Store | None, uri: str | None, record: dict):
     """The winner retrained: into --output as the job writes it, or with --store through the
     retraining cycle (and the MLflow registry after it). Fills `record`; (exit code, its MLflow run)."""
-    options = request.options
+    options, started = request.options, time.time()  # the winner's timeline counts from here, not the search's start
     if not store:
-        metrics = driver.run(cfg)
+        metrics = driver.run(cfg, started=started)
         record.update(test_accuracy=metrics.test_accuracy, output=os.path.abspath(cfg.output), run=metrics.run)
         return 0, metrics.tracking
     code = cycle.retrain(store, cfg, request.policy, accept_data_change=options.accept_data_change,
-                         canary_python=options.canary_python, drift_alpha=options.drift_alpha)
+                         canary_python=options.canary_python, drift_alpha=options.drift_alpha, started=started)
     version = store.records()[-1] if store.records() else None
     if version:
         record["store"] = {"version": version.version, "decision": version.decision,
