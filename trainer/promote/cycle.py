@@ -36,9 +36,9 @@ DATA_HASH_CHARS = 12
 
 def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None = None,
             accept_data_change: bool = False, canary_python: str | None = None,
-            drift_alpha: float = shift.ALPHA, started: float | None = None) -> int:
+            drift_alpha: float = shift.ALPHA, run_started: float | None = None) -> int:
     """One cycle; `warm_epochs` (--warm-start) trains that long from the current version, if any;
-    the run's timeline counts from `started` if given (driver.run)."""
+    the run's timeline counts from `run_started` (a Unix time) if given (driver.run)."""
     place = fs.Place.check("--store", store.root)  # read-only or full: one line, before the lock
     store.create()
     with store.locked() as owner:
@@ -95,7 +95,7 @@ def retrain(store: Store, cfg: Config, policy: Policy, warm_epochs: int | None =
               f"{current or 'none'}" + (f"; starting from {parent}" if parent else "") + ")", flush=True)
 
         try:
-            metrics = driver.run(run_cfg, started=started)
+            metrics = driver.run(run_cfg, started=run_started)
         except BaseException as exc:  # Ctrl-C and SIGTERM too: every run leaves a record
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else errors.first_line(exc, named=True, limit=300)
             try:
