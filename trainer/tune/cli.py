@@ -181,8 +181,9 @@ def search(request: Request) -> int:
         results.write(base.output, summary, trials)
         if parent:
             parent.end("FAILED")
-        raise driver.TrainingError(f"no trial reported a validation score ({len(trials)} failed); the trials' "
-                                   f"errors are in {os.path.join(base.output, 'results.json')}")
+        failed = sum(t.status == results.FAILED for t in trials)
+        raise driver.TrainingError(f"no trial ended with a validation score ({failed} of {len(trials)} failed); the "
+                                   f"trials' errors are in {os.path.join(base.output, 'results.json')}")
     winner = ranked[0]
     summary["winner"] = {"trial_id": winner.trial_id, "config": winner.config, "val_accuracy": winner.score,
                          "checkpoint": winner.checkpoint}
@@ -240,7 +241,7 @@ def _winner(request: Request, cfg: Config, store: Store | None, uri: str | None,
         record.update(test_accuracy=metrics.test_accuracy, output=os.path.abspath(cfg.output), run=metrics.run)
         return 0, metrics.tracking
     code = cycle.retrain(store, cfg, request.policy, accept_data_change=options.accept_data_change,
-                         canary_python=options.canary_python, drift_alpha=options.drift_alpha, started=started)
+                         canary_python=options.canary_python, drift_alpha=options.drift_alpha, run_started=started)
     version = store.records()[-1] if store.records() else None
     if version:
         record["store"] = {"version": version.version, "decision": version.decision,

@@ -61,8 +61,11 @@ def line(trial_id: str, config: dict, score: float | None, epochs: int, status: 
 
 
 def best(trials: list[Trial]) -> list[Trial]:
-    """The trials with a score, best first (ties: fewer epochs, then the earlier trial)."""
-    return sorted((t for t in trials if t.val_accuracy), key=lambda t: (-t.score, t.epochs, t.trial_id))
+    """The trials that may win, best first (ties: fewer epochs, then the earlier trial): those with a
+    score that did not fail. A failed trial's settings may be why it failed (a batch too big for the
+    memory, a rate that diverged); it stays in the files, with its epochs, not in the running."""
+    return sorted((t for t in trials if t.val_accuracy and t.status != FAILED),
+                  key=lambda t: (-t.score, t.epochs, t.trial_id))
 
 
 def table(trials: list[Trial], budget: int, top: int = 5) -> str:
