@@ -144,7 +144,9 @@ def _trials() -> list[results.Trial]:
     config = {"model": "mlp", "learning_rate": 0.001, "batch_size": 128, "hidden_units": 512, "dropout": 0.1}
     return [results.Trial("a_00000", config, results.FINISHED, [0.9, 0.95, 0.97], [0.3, 0.2, 0.1], "/c/0"),
             results.Trial("a_00001", {**config, "hidden_units": 128}, results.STOPPED, [0.85], [0.5], "/c/1"),
-            results.Trial("a_00002", {**config, "model": "cnn"}, results.FAILED, error="rank 0's process died")]
+            results.Trial("a_00002", {**config, "model": "cnn"}, results.FAILED, error="rank 0's process died"),
+            results.Trial("a_00003", {**config, "batch_size": 512}, results.FAILED, [0.99], [0.05], "/c/3",
+                          error="rank 0's process died")]  # the best score, but it failed: never the winner
 
 
 def test_the_table_ranks_by_the_last_validation_accuracy_and_counts_the_rest():
@@ -153,7 +155,9 @@ def test_the_table_ranks_by_the_last_validation_accuracy_and_counts_the_rest():
     assert lines[0].split()[:3] == ["RANK", "TRIAL", "VAL", ]
     assert lines[1].split()[:5] == ["1", "a_00000", "0.9700", "3/3", "finished"]
     assert lines[2].split()[:4] == ["2", "a_00001", "0.8500", "1/3"] and "stopped by ASHA" in lines[2]
-    assert lines[-1] == "3 trials: 1 finished, 1 stopped by ASHA, 1 failed"
+    assert len(lines) == 4 and "a_00003" not in text  # a failed trial is not ranked, however well it scored
+    assert lines[-1] == "4 trials: 1 finished, 1 stopped by ASHA, 2 failed"
+    assert [t.trial_id for t in results.best(_trials())] == ["a_00000", "a_00001"]
     failed = results.line("a_00002", {"model": "cnn", "learning_rate": 0.001, "batch_size": 128}, None, 0,
                           results.FAILED, 3, "rank 0's process died")
     assert failed == "trial a_00002  cnn lr 1.0e-03 batch 128  val_accuracy -  0/3 epochs  failed: rank 0's process died"
@@ -164,14 +168,15 @@ def test_the_files_say_what_the_records_say(tmp_path):
     trials = _trials()
     paths = results.write(str(tmp_path), {"winner": {"trial_id": "a_00000"}}, trials)
     written = json.loads(Path(paths["results.json"]).read_text())
-    assert written["schema"] == results.SCHEMA and [t["trial_id"] for t in written["trials"]] == ["a_00000", "a_00001",
-                                                                                                 "a_00002"]
+    assert written["schema"] == results.SCHEMA and [t["trial_id"] for t in written["trials"]] == [
+        "a_00000", "a_00001", "a_00002", "a_00003"]
     assert written["trials"][0]["val_accuracy"] == [0.9, 0.95, 0.97] and written["trials"][0]["epochs"] == 3
     import csv
 
     rows = list(csv.DictReader(Path(paths["results.csv"]).open()))
     assert [(r["trial_id"], r["status"], r["epochs"]) for r in rows] == [
-        ("a_00000", "finished", "3"), ("a_00001", "stopped by ASHA", "1"), ("a_00002", "failed", "0")]
+        ("a_00000", "finished", "3"), ("a_00001", "stopped by ASHA", "1"), ("a_00002", "failed", "0"),
+        ("a_00003", "failed", "1")]
     assert rows[0]["val_accuracy_by_epoch"] == "0.900000;0.950000;0.970000" and rows[2]["error"]
     assert Path(paths["tuning.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -303,12 +308,12 @@ class _Console:
 @pytest.mark.ray
 def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_stopped_search_continues(tmp_path):
     """Optuna's search, one trial at a time, one retry each (--max-failures 1): the first trial loses
-    its worker (SIGKILL) and finishes after one restart; the second loses it twice and fails for
-    good, and the search goes on; the search is stopped (SIGTERM, as `ray job stop` sends) inside
-    the third; the same command continues it, running neither of the first two again and the third
-    from its checkpoint."""
+    its worker (SIGKILL) twice and fails for good, and the search goes on; the second loses it once
+    and restarts from its checkpoint; the search is then stopped (SIGTERM, as `ray job stop` sends);
+    the same command continues it, running the failed trial no more, and the second finishes from
+    its checkpoint."""
     runs = tmp_path / "runs"
-    command = _tune("--trials", "3", "--search", "optuna", "--scheduler", "fifo", "--max-epochs", "3",
+    command = _tune("--trials", "2", "--search", "optuna", "--scheduler", "fifo", "--max-epochs", "3",
                     "--max-concurrent-trials", "1", "--max-failures", "1", "--output", str(tmp_path / "out"),
                     "--storage-path", str(runs))
     proc = subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -330,15 +335,13 @@ def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_st
         kill_at(first, 1)
         restarted = console.wait_for(rf"^trial {first.name}: restarted after a worker failure")
         assert "rank 0's process died" in restarted and "continuing from epoch 2" in restarted
-        console.wait_for(rf"^trial {first.name}  .*3/3 epochs  finished")
+        kill_at(first, 2)
+        failed = console.wait_for(rf"^trial {first.name}  .*  failed")
+        assert "2/3 epochs  failed: " in failed and "rank 0's process died" in failed, failed
         second = next_trial([first])
         kill_at(second, 1)
         console.wait_for(rf"^trial {second.name}: restarted after a worker failure")
-        kill_at(second, 2)
-        failed = console.wait_for(rf"^trial {second.name}  .*  failed")
-        assert "2/3 epochs  failed: " in failed and "rank 0's process died" in failed, failed
-        third = next_trial([first, second])
-        wait_for_epoch(third, 1, proc)
+        wait_for_epoch(second, 2, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130
     finally:
@@ -353,13 +356,12 @@ def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_st
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "continuing the search in" in again.stdout
     resumed = _trial_lines(again.stdout)
-    assert list(resumed) == [third.name] and resumed[third.name][1:] == (3, "finished"), again.stdout
+    assert list(resumed) == [second.name] and resumed[second.name][1:] == (3, "finished"), again.stdout
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     by_id = {t["trial_id"]: t for t in written["trials"]}
-    assert [(by_id[t.name]["status"], by_id[t.name]["epochs"]) for t in (first, second, third)] == [
-        ("finished", 3), ("failed", 2), ("finished", 3)]
-    assert "rank 0's process died" in by_id[second.name]["error"]
-    assert written["winner"]["trial_id"] in (first.name, third.name)
-    last = json.loads((third / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    history = json.loads((third / last["checkpoint_dir_name"] / "meta.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and any(h["restarted"] for h in history)  # from its checkpoint
+    assert [(by_id[t.name]["status"], by_id[t.name]["epochs"]) for t in (first, second)] == [("failed", 2), ("finished", 3)]
+    assert "rank 0's process died" in by_id[first.name]["error"] and written["winner"]["trial_id"] == second.name
+    last = json.loads((second / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    history = json.loads((second / last["checkpoint_dir_name"] / "meta.json").read_text())["history"]
+    # Each epoch once, resumed from its checkpoint: after the restart (epoch 2) and after the search's restore (3).
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [bool(h["restarted"]) for h in history] == [False, True, True]
