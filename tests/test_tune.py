@@ -309,7 +309,7 @@ class _Console:
 def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_stopped_search_continues(tmp_path):
     """Optuna's search, one trial at a time, one retry each (--max-failures 1): the first trial loses
     its worker (SIGKILL) twice and fails for good, and the search goes on; the second loses it once
-    and restarts from its checkpoint; the search is then stopped (SIGTERM, as `ray job stop` sends);
+    and, as it restarts from its checkpoint, the search is stopped (SIGTERM, as `ray job stop` sends);
     the same command continues it, running the failed trial no more, and the second finishes from
     its checkpoint."""
     runs = tmp_path / "runs"
@@ -341,7 +341,7 @@ def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_st
         second = next_trial([first])
         kill_at(second, 1)
         console.wait_for(rf"^trial {second.name}: restarted after a worker failure")
-        wait_for_epoch(second, 2, proc)
+        # Stopped while its new worker group starts: two epochs stay to run, however fast the machine.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 130
     finally:
@@ -363,5 +363,6 @@ def test_a_killed_worker_costs_a_restart_a_trial_past_its_retries_fails_and_a_st
     assert "rank 0's process died" in by_id[first.name]["error"] and written["winner"]["trial_id"] == second.name
     last = json.loads((second / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
     history = json.loads((second / last["checkpoint_dir_name"] / "meta.json").read_text())["history"]
-    # Each epoch once, resumed from its checkpoint: after the restart (epoch 2) and after the search's restore (3).
-    assert [h["epoch"] for h in history] == [1, 2, 3] and [bool(h["restarted"]) for h in history] == [False, True, True]
+    # Each epoch once, epoch 2 resumed from the epoch-1 checkpoint (after the restart, or after the search's
+    # restore if the stop came first): never trained again from the start.
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [bool(h["restarted"]) for h in history][:2] == [False, True]
